@@ -1,0 +1,262 @@
+"""The linear-operator interface every measurement model implements.
+
+Conventions
+-----------
+* Inputs carry a leading batch dimension: ``x`` has shape ``(B, *in_shape)`` and
+  ``A(x)`` has shape ``(B, *out_shape)``.  Nothing silently broadcasts: a wrong
+  trailing shape raises ``ValueError`` naming the expected shape.
+* dtype and device follow the input.  Buffers (angles, masks, system matrices)
+  are registered buffers, so ``op.to(device)`` moves them.
+* ``AH`` is the exact adjoint: ``<A x, y> == <x, AH y>`` to float precision
+  (tested for every operator by ``tests/test_adjoint.py``).
+
+Decomposition for the conditional sampler (Song et al., ICLR 2022)
+-----------------------------------------------------------------
+``op.decompose()`` returns ``Decomposition(T, mask, embed)`` such that
+``A = P(mask) T``: ``T`` is a full, (approximately) invertible transform with
+``T.inverse(z)`` (exact or least-squares), ``mask`` is a 0/1 tensor
+broadcastable to ``(B, *T.out_shape)``, and ``embed(y)`` places a measurement
+in T's output space (zeros where not measured).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def _fmt(shape) -> str:
+    return "(B, " + ", ".join(str(s) for s in shape) + ")"
+
+
+def check_tensor(x: torch.Tensor, shape: tuple, name: str = "input") -> None:
+    """Raise ValueError unless ``x`` is a finite tensor of shape ``(B, *shape)``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}, expected {_fmt(shape)} "
+            "(batch dimension first)"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values; clean the data first")
+
+
+class LinearOperator(nn.Module):
+    """A linear map from ``(B, *in_shape)`` to ``(B, *out_shape)``.
+
+    Subclasses implement ``_apply`` and ``_adjoint`` on validated tensors.
+
+    ``nn.Module`` also calls ``self._apply(fn)`` from ``.to()``, ``.cuda()``,
+    ``.double()`` …; ``__init_subclass__`` moves a subclass's ``_apply`` to
+    ``_apply_op`` and installs a dispatcher, so both uses keep working.
+    """
+
+    in_shape: tuple = ()
+    out_shape: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        impl = cls.__dict__.get("_apply")
+        if impl is not None and impl is not LinearOperator._apply:
+            cls._apply_op = impl
+            cls._apply = LinearOperator._apply
+
+    def __init__(self, in_shape, out_shape):
+        super().__init__()
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.out_shape = tuple(int(s) for s in out_shape)
+
+    # --- to be implemented -------------------------------------------------
+    def _apply(self, x, *args, **kwargs):
+        if isinstance(x, torch.Tensor):
+            return self._apply_op(x)
+        return nn.Module._apply(self, x, *args, **kwargs)  # .to(), .cuda(), ...
+
+    def _apply_op(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # --- public API ----------------------------------------------------------
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor(x, self.in_shape, f"{type(self).__name__} input")
+        return self._apply(x)
+
+    def AH(self, y: torch.Tensor) -> torch.Tensor:
+        check_tensor(y, self.out_shape, f"{type(self).__name__} adjoint input")
+        return self._adjoint(y)
+
+    def forward(self, x):
+        return self.A(x)
+
+    @property
+    def H(self) -> "LinearOperator":
+        return Adjoint(self)
+
+    def __matmul__(self, other: "LinearOperator") -> "LinearOperator":
+        return Compose(self, other)
+
+    def __mul__(self, scale: float) -> "LinearOperator":
+        return Scaled(self, scale)
+
+    __rmul__ = __mul__
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """AᴴA x."""
+        return self._adjoint(self._apply(x))
+
+    def decompose(self) -> "Decomposition":
+        raise NotImplementedError(
+            f"{type(self).__name__} has no A = P(mask) T decomposition; the "
+            "projection sampler needs one (use a gradient-based sampler such as dps)"
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_shape={self.in_shape}, out_shape={self.out_shape}"
+
+    # Convenience: the power method for ||A||_2, used by step-size rules.
+    @torch.no_grad()
+    def norm_estimate(self, n_iter: int = 30, dtype=torch.float64, device=None,
+                      generator: torch.Generator | None = None) -> float:
+        x = torch.randn((1, *self.in_shape), dtype=dtype, device=device, generator=generator)
+        if self.is_complex_input:
+            x = torch.complex(x, torch.randn_like(x))
+        x = x / x.norm()
+        s = 0.0
+        for _ in range(n_iter):
+            z = self.normal(x)
+            s = z.norm().item()
+            if s == 0:
+                return 0.0
+            x = z / s
+        return s ** 0.5
+
+    is_complex_input: bool = False
+    is_complex_output: bool = False
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-item real inner product Re<a, b>, shape (B,)."""
+    p = a.conj() * b
+    if p.is_complex():
+        p = p.real
+    return p.reshape(p.shape[0], -1).sum(1)
+
+
+@torch.no_grad()
+def cgls(op: LinearOperator, z: torch.Tensor, n_iter: int = 50,
+         x0: torch.Tensor | None = None, tol: float = 0.0) -> torch.Tensor:
+    """Least squares ``argmin_x ||op(x) - z||`` by CGLS (CG on the normal equations).
+
+    Batched: every item has its own step sizes.  ``x0`` warm-starts.  Stops early
+    when every item's normal-equation residual fell below ``tol`` times its start.
+    """
+    check_tensor(z, op.out_shape, f"{type(op).__name__}.inverse input")
+    if n_iter < 0:
+        raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if x0 is None:
+        x = torch.zeros_like(op._adjoint(z))
+        r = z.clone()
+    else:
+        check_tensor(x0, op.in_shape, "x0")
+        x = x0.clone()
+        r = z - op._apply(x)
+    s = op._adjoint(r)
+    p = s.clone()
+    gamma = _inner(s, s)
+    gamma0 = gamma.clone()
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    for _ in range(n_iter):
+        if bool((gamma <= (tol ** 2) * gamma0).all()):
+            break
+        q = op._apply(p)
+        qq = _inner(q, q)
+        alpha = torch.where(qq > 0, gamma / qq.clamp_min(torch.finfo(qq.dtype).tiny), torch.zeros_like(qq))
+        x = x + alpha.view(shape) * p
+        r = r - alpha.view((-1,) + (1,) * (q.dim() - 1)) * q
+        s = op._adjoint(r)
+        gamma_new = _inner(s, s)
+        beta = torch.where(gamma > 0, gamma_new / gamma.clamp_min(torch.finfo(gamma.dtype).tiny), torch.zeros_like(gamma))
+        p = s + beta.view(shape) * p
+        gamma = gamma_new
+    return x
+
+
+@dataclass
+class Decomposition:
+    T: LinearOperator
+    mask: torch.Tensor
+    embed: Callable[[torch.Tensor], torch.Tensor]
+
+
+class Adjoint(LinearOperator):
+    def __init__(self, op: LinearOperator):
+        super().__init__(op.out_shape, op.in_shape)
+        self.op = op
+        self.is_complex_input = op.is_complex_output
+        self.is_complex_output = op.is_complex_input
+
+    def _apply(self, x):
+        return self.op._adjoint(x)
+
+    def _adjoint(self, y):
+        return self.op._apply(y)
+
+    @property
+    def H(self):
+        return self.op
+
+
+class Compose(LinearOperator):
+    """``(outer @ inner)(x) = outer(inner(x))``."""
+
+    def __init__(self, outer: LinearOperator, inner: LinearOperator):
+        if tuple(outer.in_shape) != tuple(inner.out_shape):
+            raise ValueError(
+                f"cannot compose: outer expects {_fmt(outer.in_shape)} but inner "
+                f"produces {_fmt(inner.out_shape)}"
+            )
+        super().__init__(inner.in_shape, outer.out_shape)
+        self.outer, self.inner = outer, inner
+        self.is_complex_input = inner.is_complex_input
+        self.is_complex_output = outer.is_complex_output
+
+    def _apply(self, x):
+        return self.outer._apply(self.inner._apply(x))
+
+    def _adjoint(self, y):
+        return self.inner._adjoint(self.outer._adjoint(y))
+
+
+class Scaled(LinearOperator):
+    def __init__(self, op: LinearOperator, scale: float):
+        if isinstance(scale, complex):
+            raise ValueError("complex scaling is not supported; scale must be real")
+        super().__init__(op.in_shape, op.out_shape)
+        self.op, self.scale = op, float(scale)
+        self.is_complex_input = op.is_complex_input
+        self.is_complex_output = op.is_complex_output
+
+    def _apply(self, x):
+        return self.scale * self.op._apply(x)
+
+    def _adjoint(self, y):
+        return self.scale * self.op._adjoint(y)
+
+
+class Identity(LinearOperator):
+    def __init__(self, shape):
+        super().__init__(shape, shape)
+
+    def _apply(self, x):
+        return x
+
+    def _adjoint(self, y):
+        return y
+
+    def inverse(self, z, **_):
+        return z

@@ -1,0 +1,1 @@
+"""Pretrained priors shipped as package data (safetensors + JSON metadata)."""
