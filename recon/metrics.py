@@ -1,0 +1,127 @@
+"""Image-quality metrics: PSNR, SSIM, NMSE.
+
+Thin, strict wrappers around scikit-image (the reference implementation):
+
+* ``psnr(x, ref, data_range)`` == ``skimage.metrics.peak_signal_noise_ratio(ref, x, data_range=data_range)``
+* ``ssim(x, ref, data_range)`` == ``skimage.metrics.structural_similarity(ref, x, data_range=data_range)``
+  (skimage defaults: 7x7 uniform window, K1=0.01, K2=0.03; extra keyword
+  arguments are passed through)
+* ``nmse(x, ref)`` == ``||x - ref||^2 / ||ref||^2`` ==
+  ``skimage.metrics.normalized_root_mse(ref, x, normalization='euclidean')**2``
+
+Inputs may be numpy arrays or torch tensors (any device; converted to float64
+numpy).  The last two axes are the image; any leading axes are a batch:
+a 2-D input gives a Python ``float``, an input of shape ``(*lead, H, W)`` gives
+a float64 numpy array of shape ``lead`` (one value per image).
+
+``data_range`` is required and explicit (e.g. ``1.0`` for images normalised
+to [0, 1]); it is never inferred from the dtype or the data.  Complex inputs
+are rejected (take ``abs()`` first), as are non-finite values and shape
+mismatches (``ValueError`` naming both shapes).
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import numpy as np
+
+__all__ = ["psnr", "ssim", "nmse"]
+
+ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821
+
+
+def _to_numpy(a, name: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu()
+            if a.is_complex():
+                raise ValueError(f"{name} is complex ({a.dtype}); take abs() first")
+            a = a.to(torch.float64).numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    a = np.asarray(a)
+    if np.iscomplexobj(a):
+        raise ValueError(f"{name} is complex ({a.dtype}); take abs() first")
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise ValueError(f"{name} must be a numeric array, got dtype {a.dtype}")
+    return a.astype(np.float64, copy=False)
+
+
+def _prepare(x, ref):
+    x = _to_numpy(x, "x")
+    ref = _to_numpy(ref, "ref")
+    if x.shape != ref.shape:
+        raise ValueError(f"shape mismatch: x has shape {x.shape}, ref has shape {ref.shape}")
+    if x.ndim < 2:
+        raise ValueError(f"expected 2-D images (or a batch (..., H, W)); got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"x (shape {x.shape}) contains NaN or infinite values")
+    if not np.isfinite(ref).all():
+        raise ValueError(f"ref (shape {ref.shape}) contains NaN or infinite values")
+    lead = x.shape[:-2]
+    return x.reshape(-1, *x.shape[-2:]), ref.reshape(-1, *ref.shape[-2:]), lead
+
+
+def _check_range(data_range) -> float:
+    try:
+        dr = float(data_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"data_range must be a positive number, got {data_range!r}") from None
+    if not (math.isfinite(dr) and dr > 0):
+        raise ValueError(f"data_range must be a positive finite number, got {data_range!r}")
+    return dr
+
+
+def _finish(vals, lead):
+    vals = np.asarray(vals, dtype=np.float64)
+    if len(lead) == 0:
+        return float(vals[0])
+    return vals.reshape(lead)
+
+
+def psnr(x: ArrayLike, ref: ArrayLike, data_range: float) -> Union[float, np.ndarray]:
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``
+    (``inf`` when ``x == ref``)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    dr = _check_range(data_range)
+    xs, rs, lead = _prepare(x, ref)
+    vals = []
+    for a, r in zip(xs, rs):
+        mse = np.mean((a - r) ** 2)
+        if mse == 0:
+            vals.append(np.inf)  # skimage would warn about the division by zero
+        else:
+            vals.append(peak_signal_noise_ratio(r, a, data_range=dr))
+    return _finish(vals, lead)
+
+
+def ssim(x: ArrayLike, ref: ArrayLike, data_range: float, **kwargs) -> Union[float, np.ndarray]:
+    """Structural similarity (scikit-image's ``structural_similarity`` with its
+    defaults; ``kwargs`` such as ``win_size`` or ``gaussian_weights`` pass
+    through).  Images smaller than the window (7x7) raise ``ValueError``."""
+    from skimage.metrics import structural_similarity
+
+    dr = _check_range(data_range)
+    for bad in ("full", "gradient", "channel_axis"):
+        if kwargs.get(bad):
+            raise ValueError(f"ssim: option {bad!r} is not supported by this wrapper")
+    xs, rs, lead = _prepare(x, ref)
+    vals = [structural_similarity(r, a, data_range=dr, **kwargs) for a, r in zip(xs, rs)]
+    return _finish(vals, lead)
+
+
+def nmse(x: ArrayLike, ref: ArrayLike) -> Union[float, np.ndarray]:
+    """Normalised mean squared error ``||x - ref||^2 / ||ref||^2`` per image
+    (``ValueError`` if ``ref`` is all zeros)."""
+    xs, rs, lead = _prepare(x, ref)
+    vals = []
+    for a, r in zip(xs, rs):
+        den = np.sum(r ** 2)
+        if den == 0:
+            raise ValueError("nmse: ref is all zeros, so the normalised error is undefined")
+        vals.append(np.sum((a - r) ** 2) / den)
+    return _finish(vals, lead)
