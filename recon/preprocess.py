@@ -1,0 +1,53 @@
+"""Intensity conventions shared by training, evaluation and the CLI.
+
+* CT: Hounsfield units are mapped linearly from a window [lo, hi] to [0, 1] and
+  clipped (default window [-1000, 1000] HU; a prior's metadata overrides it).
+* MRI: magnitude images are divided by their maximum, so the ground truth's
+  maximum is 1.
+* Images are centre-cropped to a square and resized (anti-aliased) to the
+  working size.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CT_WINDOW = (-1000.0, 1000.0)
+
+
+def square_resize(img: np.ndarray, size: int | None) -> np.ndarray:
+    """Centre-crop to a square, then resize to ``size`` x ``size`` (None keeps the crop)."""
+    from skimage.transform import resize
+
+    h, w = img.shape
+    m = min(h, w)
+    top, left = (h - m) // 2, (w - m) // 2
+    img = img[top:top + m, left:left + m]
+    if size is None or size == m:
+        return np.ascontiguousarray(img, dtype=np.float32)
+    return resize(img, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
+def normalise(img: np.ndarray, modality: str, window=CT_WINDOW) -> np.ndarray:
+    """CT: HU window -> [0, 1] (clipped). MRI (and other): magnitude / max."""
+    if modality == "ct":
+        lo, hi = window or CT_WINDOW
+        return np.clip((img - lo) / (hi - lo), 0, 1).astype(np.float32)
+    img = np.abs(img)
+    m = float(img.max())
+    return (img / m if m > 0 else img).astype(np.float32)
+
+
+def to_hu(img01: np.ndarray, window=CT_WINDOW) -> np.ndarray:
+    """Inverse of the CT window mapping (values outside the window are lost)."""
+    lo, hi = window or CT_WINDOW
+    return (np.asarray(img01, dtype=np.float32) * (hi - lo) + lo).astype(np.float32)
+
+
+def load_case_image(path, modality: str, size: int | None, window=CT_WINDOW, series_uid=None) -> np.ndarray:
+    """Read any supported file, take its middle slice, normalise and resize."""
+    from recon.io import read_input
+
+    vol = read_input(path, series_uid=series_uid)
+    data = np.asarray(vol.data)
+    img = data[data.shape[0] // 2] if data.ndim == 3 else data
+    return normalise(square_resize(np.asarray(img, dtype=np.float32), size), modality, window)

@@ -1,0 +1,299 @@
+"""Samplers: short functions over an explicit noise schedule.
+
+All samplers work in the *scaled* space of the prior's SDE: with
+x_t = s(t) (x0 + sigma(t) z) every SDE of ``recon.sde`` is a VE process in
+u = x / s, so predictor, corrector and data consistency are written once.
+Every sampler takes an explicit ``torch.Generator`` and checks each step for
+non-finite values.
+
+Implemented:
+* ``pc_sample`` -- predictor-corrector (Song et al., ICLR 2021, Alg. 1-3):
+  reverse-diffusion or Euler-Maruyama predictor, Langevin corrector driven by
+  ``snr``.  With ``consistency`` it is the conditional sampler of Song, Shen,
+  Xing & Ermon (ICLR 2022): before every predictor and corrector step the
+  sample is replaced by T^-1[lam Lambda y_t + (1 - lam) Lambda T x + (I - Lambda) T x].
+* ``ode_sample`` -- the probability-flow ODE with Heun steps on the EDM
+  schedule (Karras et al., NeurIPS 2022, Alg. 1).
+* ``dps_sample`` -- diffusion posterior sampling (Chung et al., ICLR 2023).
+* ``dds_sample`` -- a fast solver: Tweedie estimate, a few conjugate-gradient
+  steps on the data term, full re-noising (in the style of DDS, Chung, Lee &
+  Ye, ICLR 2024), on a Karras schedule of <= 100 network evaluations.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from recon.errors import ReconError
+from recon.sde import SDE, _as_t
+
+
+# ---------------------------------------------------------------------------
+# small utilities
+# ---------------------------------------------------------------------------
+def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 10.0, rho: float = 7.0):
+    """Noise levels of Karras et al. (2022), eq. 5, descending, without the final 0."""
+    i = torch.arange(n, dtype=torch.float64)
+    ramp = i / max(n - 1, 1)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def check_finite(x: torch.Tensor, step: int, sigma: float, snr: float | None = None, where: str = "") -> None:
+    if not torch.isfinite(x).all():
+        extra = f", snr {snr}" if snr is not None else ""
+        raise ReconError(
+            f"sampler produced non-finite values at step {step} (noise level sigma={float(sigma):.4g}{extra}"
+            f"{', ' + where if where else ''}); lower snr or the step size, or check the prior and the data"
+        )
+
+
+def _randn(x, generator):
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def _real_adjoint(op, r):
+    """Adjoint restricted to real images (Re A^H for complex operators)."""
+    out = op.AH(r)
+    return out.real if out.is_complex() else out
+
+
+def _as_measurement(op, x):
+    return op.A(x.to(torch.complex64 if x.dtype == torch.float32 else torch.complex128)) if op.is_complex_input else op.A(x)
+
+
+def cg_data_step(op, y, x0, n_iter: int = 10, damp: float = 0.0):
+    """Conjugate gradients on (A^H A + damp I) x = A^H y + damp x0, started at x0 (real x)."""
+    def normal(v):
+        out = _real_adjoint(op, _as_measurement(op, v))
+        return out + damp * v if damp else out
+
+    x = x0.clone()
+    r = _real_adjoint(op, y) + (damp * x0 if damp else 0) - normal(x)
+    p = r.clone()
+    rs = (r * r).flatten(1).sum(1)
+    for _ in range(n_iter):
+        ap = normal(p)
+        denom = (p * ap).flatten(1).sum(1).clamp_min(1e-30)
+        alpha = (rs / denom).reshape(-1, *[1] * (x.dim() - 1))
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).flatten(1).sum(1)
+        beta = (rs_new / rs.clamp_min(1e-30)).reshape(-1, *[1] * (x.dim() - 1))
+        p = r + beta * p
+        rs = rs_new
+        if float(rs.max()) < 1e-20:
+            break
+    return x
+
+
+# ---------------------------------------------------------------------------
+# data consistency: (u, sigma, step_scale) -> u, in the scaled space
+# ---------------------------------------------------------------------------
+class ProjectionConsistency:
+    """Song et al. (2022): x <- T^-1[lam Lambda y_t + (1-lam) Lambda T x + (I-Lambda) T x].
+
+    y_t = y + sigma Lambda T z is the measurement brought to the current
+    noise level with fresh noise.  With measurement noise ``sigma_y`` (in the
+    units of y) the measurement already carries noise of that size: only the
+    missing variance is added, and while the sample's own noise is smaller
+    than the measurement's the projection weight is reduced to
+    lam * (sigma c_T)^2 / sigma_y^2, so noisy data are never enforced exactly
+    (c_T is the RMS row norm of T, which converts image noise into
+    measurement noise).
+    """
+
+    def __init__(self, y, op, lam: float = 1.0, sigma_y: float = 0.0, generator=None, inverse_iters: int = 10):
+        dec = op.decompose()
+        self.T, self.embed, self.mask = dec.T, dec.embed, dec.mask
+        self.y_full = self.embed(y)
+        self.lam, self.sigma_y, self.g = float(lam), float(sigma_y), generator
+        self.inverse_iters = inverse_iters
+        self.complex = op.is_complex_input
+        probe = torch.randn((1, *self.T.in_shape), generator=generator, dtype=torch.float64)
+        tz = self._T(probe.to(y.real.dtype))
+        self.c_T = float(tz.abs().pow(2).mean().sqrt()) if tz.numel() else 1.0
+
+    def _T(self, x):
+        if self.complex:
+            x = x.to(torch.complex64 if x.dtype == torch.float32 else torch.complex128)
+        return self.T.A(x)
+
+    def __call__(self, u, sigma, lam=None):
+        lam = self.lam if lam is None else lam
+        sigma = float(sigma)
+        meas_sigma = sigma * self.c_T
+        extra = math.sqrt(max(meas_sigma**2 - self.sigma_y**2, 0.0)) / self.c_T
+        if self.sigma_y > 0 and meas_sigma < self.sigma_y:
+            lam = lam * (meas_sigma / self.sigma_y) ** 2
+        y_t = self.y_full + extra * self._T(_randn(u, self.g)) if extra > 0 else self.y_full
+        tx = self._T(u)
+        z = tx + lam * self.mask * (y_t - tx)
+        out = self.T.inverse(z, x0=u, n_iter=self.inverse_iters)
+        return out.real if out.is_complex() else out
+
+
+# ---------------------------------------------------------------------------
+# predictor-corrector
+# ---------------------------------------------------------------------------
+def _scaled_schedule(sde: SDE, n_steps: int, eps: float):
+    ts = torch.linspace(sde.T, eps, n_steps, dtype=torch.float64)
+    s, sig = sde.scale_sigma(ts)
+    return ts, s, sig
+
+
+def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr: float = 0.16,
+              n_corrector: int = 1, predictor: str = "reverse_diffusion", consistency=None,
+              final_lam: float | None = 1.0, eps: float = 1e-3, generator=None, callback=None,
+              dtype=torch.float32, device=None, denoise: bool = True):
+    """Predictor-corrector sampling, unconditional or with ``consistency``.
+
+    Returns x0 of ``shape`` (B, H, W).  ``predictor`` is 'reverse_diffusion'
+    or 'euler_maruyama'; ``n_corrector`` Langevin steps per level with step
+    size 2 (snr ||z|| / ||score||)^2.  The last step uses lam = ``final_lam``
+    and a final Tweedie denoising step (``denoise``).
+    """
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor '{predictor}'; available: {', '.join(PREDICTORS)}")
+    sde = sde or prior.sde
+    ts, scales, sigmas = _scaled_schedule(sde, n_steps, eps)
+    u = torch.randn(shape, generator=generator, dtype=dtype, device=device) * float(sigmas[0])
+    dc = consistency or (lambda u, sigma, lam=None: u)
+    step_fn = PREDICTORS[predictor]
+    for i in range(n_steps):
+        sigma = float(sigmas[i])
+        sigma_next = float(sigmas[i + 1]) if i + 1 < n_steps else 0.0
+        last = i == n_steps - 1
+        lam = final_lam if last else None
+        for _ in range(n_corrector):
+            u = dc(u, sigma, lam)
+            score = (prior.denoise(u, sigma) - u) / sigma**2
+            z = _randn(u, generator)
+            gn = score.flatten(1).norm(dim=1).clamp_min(1e-12)
+            zn = z.flatten(1).norm(dim=1)
+            step = (2 * (snr * zn / gn) ** 2).reshape(-1, *[1] * (u.dim() - 1))
+            u = u + step * score + torch.sqrt(2 * step) * z
+            check_finite(u, i, sigma, snr, "corrector")
+        u = dc(u, sigma, lam)
+        u = step_fn(prior, u, sigma, sigma_next, generator, ts[i], ts[i + 1] if not last else None, sde)
+        check_finite(u, i, sigma, snr, "predictor")
+        if callback is not None:
+            callback(i, u)
+    if denoise:
+        u = prior.denoise(u, float(sigmas[-1]))
+        if consistency is not None and final_lam:
+            u = dc(u, 0.0, final_lam)
+    check_finite(u, n_steps, float(sigmas[-1]), snr, "final denoising")
+    return u
+
+
+def _reverse_diffusion(prior, u, sigma, sigma_next, generator, *_):
+    score = (prior.denoise(u, sigma) - u) / sigma**2
+    var = sigma**2 - sigma_next**2
+    return u + var * score + math.sqrt(var) * _randn(u, generator)
+
+
+def _euler_maruyama(prior, u, sigma, sigma_next, generator, t, t_next, sde):
+    # Reverse SDE in the scaled VE space: du = -d(sigma^2)/dt score dt + sqrt(d sigma^2/dt) dw.
+    if t_next is None:
+        t_next = torch.tensor(0.0, dtype=torch.float64)
+    dsig2 = sigma**2 - sigma_next**2
+    score = (prior.denoise(u, sigma) - u) / sigma**2
+    return u + dsig2 * score + math.sqrt(dsig2) * _randn(u, generator)
+
+
+PREDICTORS = {"reverse_diffusion": _reverse_diffusion, "euler_maruyama": _euler_maruyama}
+
+
+# ---------------------------------------------------------------------------
+# probability-flow ODE (Heun, Karras et al. 2022 Alg. 1)
+# ---------------------------------------------------------------------------
+def ode_sample(prior, shape, *, n_steps: int = 40, sigma_min: float = 0.002, sigma_max: float = 20.0,
+               rho: float = 7.0, generator=None, dtype=torch.float32, device=None, callback=None):
+    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist() + [0.0]
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=device) * sigmas[0]
+    for i in range(n_steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = (x - prior.denoise(x, s)) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            d2 = (x_next - prior.denoise(x_next, s_next)) / s_next
+            x_next = x + (s_next - s) * 0.5 * (d + d2)
+        x = x_next
+        check_finite(x, i, s, where="ODE step")
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# DPS (Chung et al., ICLR 2023)
+# ---------------------------------------------------------------------------
+def dps_sample(y, op, prior, *, n_steps: int = 500, zeta: float = 1.0, sigma_max: float = 10.0,
+               sigma_min: float = 0.002, generator=None, callback=None, clip=None):
+    """Ancestral sampling plus a step -zeta grad_x ||y - A D(x, sigma)|| (Chung et al. 2023, Alg. 1)."""
+    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max).tolist() + [0.0]
+    shape = (y.shape[0], *op.in_shape)
+    dtype = y.real.dtype
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=y.device) * sigmas[0]
+    for i in range(n_steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0 = prior.denoise(xg, s)
+            res = (_as_measurement(op, x0) - y).abs().pow(2).flatten(1).sum(1).sqrt()
+            grad = torch.autograd.grad(res.sum(), xg)[0]
+        x0 = x0.detach()
+        check_finite(x0, i, s, where="network output")
+        if clip is not None:
+            x0 = x0.clamp(*clip)
+        # ancestral step of the VE process from s to s_next given x0
+        if s_next > 0:
+            mean = x0 + (s_next**2 / s**2) * (x - x0)
+            std = s_next * math.sqrt(max(1 - s_next**2 / s**2, 0.0))
+            x = mean + std * _randn(x, generator)
+        else:
+            x = x0
+        x = x - zeta * grad
+        check_finite(x, i, s, where="DPS step")
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# fast solver: Tweedie + conjugate gradients + re-noising (DDS-style)
+# ---------------------------------------------------------------------------
+def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_max: float = 3.0,
+               sigma_min: float = 0.002, rho: float = 7.0, eta: float = 1.0, sigma_y: float = 0.0,
+               clip=(0.0, 1.0), generator=None, callback=None):
+    """One network evaluation per level: x0 = D(x, sigma); x0 <- CG on ||A x - y||^2
+    (damped toward D's estimate when the data are noisy); x <- x0 + sigma_next noise.
+
+    ``eta`` = 1 re-noises with fresh noise (measured best); < 1 keeps part of the
+    previous direction (DDIM-like).
+    """
+    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist() + [0.0]
+    shape = (y.shape[0], *op.in_shape)
+    dtype = y.real.dtype
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=y.device) * sigmas[0]
+    for i in range(n_steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x0_prior = prior.denoise(x, s)
+        check_finite(x0_prior, i, s, where="network output")
+        # damping: trust the prior's estimate in proportion to the measurement noise
+        damp = (sigma_y / max(s, 1e-3)) ** 2 if sigma_y > 0 else 0.0
+        x0 = cg_data_step(op, y, x0_prior, n_iter=cg_iters, damp=damp)
+        if clip is not None:
+            x0 = x0.clamp(*clip)
+        if s_next > 0:
+            eps_dir = (x - x0_prior) / s
+            noise = math.sqrt(1 - (1 - eta) ** 2) * _randn(x, generator) + (1 - eta) * eps_dir
+            x = x0 + s_next * noise
+        else:
+            x = x0
+        check_finite(x, i, s, where="DDS step")
+        if callback is not None:
+            callback(i, x)
+    return x

@@ -1,0 +1,361 @@
+"""Training of score priors by denoising score matching.
+
+Default objective: EDM (Karras et al., NeurIPS 2022) -- denoising score matching
+over a log-normal noise distribution with the weighting
+lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, which is DSM on
+the VE SDE sigma(t) = t with EDM preconditioning.  Alternatives: continuous-time
+DSM on any SDE of ``recon.sde`` (optionally likelihood-weighted, Song et al.
+2021) and sliced score matching (Song et al., UAI 2019).
+
+Compute is the constraint on CPU: training runs on random patches with their
+position (PaDIS, Hu et al. 2024) and every fourth step on whole images, so the
+fully convolutional network learns both local texture and global layout.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recon.errors import ReconError
+from recon.networks import UNet
+from recon.preprocess import CT_WINDOW, normalise, square_resize
+from recon.prior import EDMDenoiser, Prior, load_prior, save_prior, resolve_prior_path
+from recon.sde import SDE, _bc
+
+
+
+# ---------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------
+def edm_loss(denoiser, x0, generator=None, p_mean=-1.2, p_std=1.2, coords=None, sigma_data=None):
+    """EDM loss (Karras et al. 2022, eq. 8 with lambda = 1 / c_out^2)."""
+    b = x0.shape[0]
+    n = torch.randn(b, generator=generator, dtype=x0.dtype, device=x0.device)
+    sigma = torch.exp(p_mean + p_std * n)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    sd = sigma_data if sigma_data is not None else denoiser.sigma_data
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    d = denoiser(x0 + _bc(sigma, x0) * noise, sigma, coords)
+    return (_bc(weight, x0) * (d - x0) ** 2).flatten(1).mean(1).mean()
+
+
+def dsm_loss(prior: Prior, x0, sde: SDE, generator=None, eps=1e-5, likelihood_weighting=False):
+    """Continuous-time DSM on ``sde`` (Song et al. 2021, eq. 7)."""
+    b = x0.shape[0]
+    t = torch.rand(b, generator=generator, dtype=x0.dtype, device=x0.device) * (sde.T - eps) + eps
+    z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    mean, std = sde.marginal(x0, t)
+    score = prior.score(mean + std * z, t, sde)
+    if likelihood_weighting:
+        g2 = sde.sde(torch.zeros_like(x0), t)[1] ** 2
+        losses = (score + z / std) ** 2 * _bc(g2, x0)
+    else:
+        losses = (score * std + z) ** 2
+    return losses.flatten(1).sum(1).mean()
+
+
+def ssm_loss(score_fn, x, generator=None, n_particles=1):
+    """Sliced score matching with Gaussian projections (Song et al., UAI 2019)."""
+    x = x.detach().requires_grad_(True)
+    total = 0.0
+    for _ in range(n_particles):
+        v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        s = score_fn(x)
+        sv = (s * v).flatten(1).sum(1)
+        grad = torch.autograd.grad(sv.sum(), x, create_graph=True)[0]
+        total = total + ((grad * v).flatten(1).sum(1) + 0.5 * sv**2).mean()
+    return total / n_particles
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+
+
+def _read_training_file(path: Path, modality: str, window):
+    """Return list of (2-D float image in [0, 1], patient id) from one file."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        from skimage.io import imread
+
+        img = np.asarray(imread(str(path)), dtype=np.float32)
+        if img.ndim == 3:
+            img = img[..., :3].mean(-1)
+        return [(img, None)]
+    if suffix in (".nii", ".gz"):
+        import nibabel as nib
+
+        vol = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
+        return [(vol[:, :, k].T, path.name) for k in range(vol.shape[2])]
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    except Exception:
+        return []
+    frames = arr if arr.ndim == 3 else arr[None]
+    return [(f, str(getattr(ds, "PatientID", "") or path.parent)) for f in frames]
+
+
+def load_image_folder(dirs, modality: str, size: int, window=CT_WINDOW, max_images=None, seed=0):
+    """Load every readable image under ``dirs`` at ``size`` x ``size``.
+
+    Returns (images (N, 1, S, S) float32 tensor, patient ids list).  Patient ids
+    come from DICOM PatientID; files without one are their own patient.
+    """
+    files = []
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise ReconError(f"training data folder not found: {d}")
+        files += sorted(p for p in d.rglob("*") if p.is_file() and p.name.lower() not in ("readme.md", "license"))
+    if max_images and len(files) > max_images:
+        rng = np.random.default_rng(seed)
+        files = [files[i] for i in sorted(rng.choice(len(files), max_images, replace=False))]
+    images, patients = [], []
+    for f in files:
+        for img, pid in _read_training_file(f, modality, window):
+            if img.ndim != 2 or min(img.shape) < 16:
+                continue
+            img = square_resize(img, size)
+            images.append(normalise(img, modality, window))
+            patients.append(pid or hashlib.sha1(str(f).encode()).hexdigest()[:10])
+    if not images:
+        raise ReconError(f"no readable training images under {', '.join(map(str, dirs))}")
+    return torch.from_numpy(np.stack(images))[:, None], patients
+
+
+def split_by_patient(patients, val_fraction=0.05, seed=0):
+    """Indices (train, val), splitting by patient so no patient is in both."""
+    uniq = sorted(set(patients))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(uniq)
+    n_val = max(1, int(round(len(uniq) * val_fraction))) if len(uniq) > 1 else 0
+    val_p = set(uniq[:n_val])
+    tr = [i for i, p in enumerate(patients) if p not in val_p]
+    va = [i for i, p in enumerate(patients) if p in val_p]
+    return tr, va
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, max_rot_deg=10.0, zoom=0.1):
+    """Random flips, small rotations and zooms (a random affine crop) of (B, 1, S, S)."""
+    b = x.shape[0]
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    ang = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(max_rot_deg)
+    sc = 1 - torch.rand(b, generator=generator) * zoom
+    shift = (torch.rand(b, 2, generator=generator) * 2 - 1) * (1 - sc)[:, None]
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = sc * torch.cos(ang)
+    theta[:, 0, 1] = -sc * torch.sin(ang)
+    theta[:, 1, 0] = sc * torch.sin(ang)
+    theta[:, 1, 1] = sc * torch.cos(ang)
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def random_patches(x: torch.Tensor, patch: int, generator: torch.Generator):
+    """Crop one random ``patch`` x ``patch`` window per image, with coordinate channels."""
+    b, _, h, w = x.shape
+    oy = torch.randint(0, h - patch + 1, (b,), generator=generator)
+    ox = torch.randint(0, w - patch + 1, (b,), generator=generator)
+    iy = oy[:, None] + torch.arange(patch)[None]
+    ix = ox[:, None] + torch.arange(patch)[None]
+    crops = torch.stack([x[i, :, iy[i]][:, :, ix[i]] for i in range(b)])
+    coords = UNet.coordinate_grid(b, patch, patch, offset=torch.stack([oy, ox], 1).to(x.dtype),
+                                  full=(h, w), dtype=x.dtype)
+    return crops, coords
+
+
+# ---------------------------------------------------------------------------
+# training loop
+# ---------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    data: list
+    modality: str
+    out: str
+    size: int = 128
+    patch: int = 64
+    steps: int = 2000
+    batch: int = 16
+    lr: float = 8e-4
+    ema: float = 0.999
+    base: int = 32
+    mults: tuple = (1, 2, 4)
+    n_res: int = 1
+    attn_levels: tuple = ()
+    seed: int = 0
+    resume: bool = False
+    minutes: float | None = None
+    checkpoint_every: int = 200
+    val_every: int = 200
+    max_images: int | None = None
+    window: tuple = CT_WINDOW
+    progress: bool = True
+    threads: int | None = None
+    extra_meta: dict = field(default_factory=dict)
+
+
+def _dist():
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if ws > 1:
+        return torch.distributed.get_rank(), ws
+    return 0, 1
+
+
+@torch.no_grad()
+def validation_loss(denoiser, val: torch.Tensor, seed=1234, n_sigma=8):
+    """EDM loss on whole held-out images at fixed noise (comparable across runs)."""
+    if val is None or len(val) == 0:
+        return float("nan")
+    g = torch.Generator().manual_seed(seed)
+    sigmas = torch.exp(torch.linspace(-1.2 - 2 * 1.2, -1.2 + 2 * 1.2, n_sigma))
+    sd = denoiser.sigma_data
+    total = 0.0
+    for s in sigmas:
+        noise = torch.randn(val.shape, generator=g)
+        d = denoiser(val + s * noise, s.expand(len(val)))
+        total += float(((s**2 + sd**2) / (s * sd) ** 2) * ((d - val) ** 2).mean())
+    return total / n_sigma
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed + rank)
+    out = Path(cfg.out)
+    if out.suffix != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    if cfg.patch > cfg.size:
+        raise ReconError(f"--patch {cfg.patch} is larger than --size {cfg.size}")
+
+    t_load = time.time()
+    images, patients = load_image_folder(cfg.data, cfg.modality, cfg.size, cfg.window, cfg.max_images, cfg.seed)
+    tr_idx, va_idx = split_by_patient(patients, seed=cfg.seed)
+    train_x, val_x = images[tr_idx], images[va_idx][:16]
+    if rank == 0:
+        log(f"loaded {len(images)} images ({len(set(patients))} patients) in {time.time() - t_load:.0f}s: "
+            f"{len(tr_idx)} train, {len(va_idx)} validation")
+
+    history, step, elapsed_before = [], 0, 0.0
+    arch = dict(channels=1, base=cfg.base, mults=list(cfg.mults), n_res=cfg.n_res,
+                attn_levels=list(cfg.attn_levels), coords=True, sigma_data=0.5)
+    meta = {
+        "format": "recon-prior-v1",
+        "modality": cfg.modality,
+        "image_size": cfg.size,
+        "window": list(cfg.window) if cfg.modality == "ct" else None,
+        "normalisation": ("HU window [lo, hi] -> [0, 1], clipped" if cfg.modality == "ct"
+                          else "magnitude divided by its maximum"),
+        "architecture": arch,
+        "sde": {"name": "ve", "sigma_min": 0.002, "sigma_max": 20.0},
+        "parameterisation": "EDM denoiser (Karras et al. 2022), sigma_data 0.5",
+        **cfg.extra_meta,
+    }
+    model = EDMDenoiser(UNet(**{k: v for k, v in arch.items() if k != "sigma_data"}), 0.5)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optim_path = out.with_suffix(".optim.pt")
+    if cfg.resume and out.exists():
+        from safetensors.torch import load_file
+
+        prev = json.loads(out.with_suffix(".json").read_text())
+        if prev.get("architecture") != arch:
+            raise ReconError(f"--resume: {out} has architecture {prev.get('architecture')}, not {arch}")
+        tensors = load_file(str(out))
+        ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
+        model.load_state_dict(raw or ema.state_dict())
+        tr = prev.get("training", {})
+        step, elapsed_before, history = tr.get("steps", 0), tr.get("seconds", 0.0), tr.get("history", [])
+        if optim_path.exists():
+            st = torch.load(optim_path, weights_only=True)
+            if st.get("step") == step:
+                opt.load_state_dict(st["optim"])
+                torch.set_rng_state(st["rng"])
+        if rank == 0:
+            log(f"resumed from {out} at step {step}")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)
+
+    def checkpoint(final=False):
+        if rank != 0:
+            return
+        val = validation_loss(ema, val_x)
+        meta["training"] = {
+            "data": [str(d) for d in cfg.data], "steps": step, "batch": cfg.batch * world, "patch": cfg.patch,
+            "lr": cfg.lr, "ema": cfg.ema, "seed": cfg.seed, "seconds": round(elapsed_before + time.time() - t0, 1),
+            "train_images": len(tr_idx), "val_images": len(va_idx),
+            "final_train_loss": float(np.mean([h[1] for h in history[-10:]])) if history else None,
+            "final_val_loss": val, "history": history, "world_size": world,
+            "torch": torch.__version__,
+        }
+        save_prior(Prior(ema, meta), out, raw=model)
+        torch.save({"step": step, "optim": opt.state_dict(), "rng": torch.get_rng_state()}, optim_path)
+        log(f"step {step}: checkpoint {out} (val loss {val:.4f})")
+
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or rank != 0, desc="train", dynamic_ncols=True)
+    running = []
+    while step < cfg.steps:
+        if cfg.minutes and (time.time() - t0) / 60 > cfg.minutes:
+            if rank == 0:
+                log(f"time budget of {cfg.minutes} min reached at step {step}")
+            break
+        full = step % 4 == 3
+        bsz = max(1, cfg.batch // 4) if full else cfg.batch
+        idx = torch.randint(0, len(train_x), (bsz,), generator=g)
+        x = augment(train_x[idx], g)
+        coords = None
+        if not full:
+            x, coords = random_patches(x, cfg.patch, g)
+        warm = min(1.0, (step + 1) / 100)
+        for pg in opt.param_groups:
+            pg["lr"] = cfg.lr * warm
+        loss = edm_loss(net, x, generator=g, coords=coords, sigma_data=model.sigma_data)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        running.append(float(loss.detach()))
+        if not math.isfinite(running[-1]):
+            raise ReconError(f"training diverged: loss is {running[-1]} at step {step}; lower --lr")
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(running[-50:]):.4f}")
+        if step % 50 == 0:
+            history.append([step, float(np.mean(running[-50:])), round(elapsed_before + time.time() - t0, 1)])
+        if step % cfg.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint(final=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return out
