@@ -251,3 +251,6 @@ register("sense-adjoint", baselines.sense_adjoint, supports=is_mri, applies_to="
 register("cs-wavelet", baselines.cs_wavelet, supports=is_mri, applies_to="an MRI operator")
 register("biharmonic", baselines.biharmonic, supports=is_inpainting,
          applies_to="an inpainting (pixel-mask) operator")
+
+# Score-based methods register themselves (score, score-fast, dps).
+from recon import score_methods  # noqa: E402,F401
