@@ -1,0 +1,25 @@
+"""Measurement operators: ``A``, exact adjoint ``AH`` and ``decompose()``.
+
+See ``base.py`` for the interface.  Importing this package never imports the
+optional CT backends (ASTRA, torch-radon).
+"""
+from .base import (Adjoint, Compose, Decomposition, Identity, LinearOperator, Scaled,
+                   cgls, check_tensor)
+from .ct import FanBeamCT, ParallelBeamCT, views
+from .inpaint import Inpainting
+from .masks import (INPAINT_MASKS, MRI_MASKS, BoxMask, EquispacedMask, Gaussian1DMask,
+                    Gaussian2DMask, Mask, PoissonDiscMask, RandomMask, RandomPixelMask,
+                    StrokeMask)
+from .mri import FFT2c, CartesianMRI, SenseMRI, estimate_sensitivity_maps, fft2c, ifft2c
+from .noise import GaussianNoise, PoissonNoise
+
+__all__ = [
+    "LinearOperator", "Decomposition", "Adjoint", "Compose", "Scaled", "Identity", "cgls",
+    "check_tensor",
+    "ParallelBeamCT", "FanBeamCT", "views",
+    "FFT2c", "CartesianMRI", "SenseMRI", "estimate_sensitivity_maps", "fft2c", "ifft2c",
+    "Inpainting",
+    "Mask", "EquispacedMask", "RandomMask", "Gaussian1DMask", "Gaussian2DMask", "PoissonDiscMask",
+    "BoxMask", "RandomPixelMask", "StrokeMask", "MRI_MASKS", "INPAINT_MASKS",
+    "GaussianNoise", "PoissonNoise",
+]
