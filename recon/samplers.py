@@ -73,18 +73,24 @@ def cg_data_step(op, y, x0, n_iter: int = 10, damp: float = 0.0):
     r = _real_adjoint(op, y) + (damp * x0 if damp else 0) - normal(x)
     p = r.clone()
     rs = (r * r).flatten(1).sum(1)
+    # relative tolerance per item (from the dtype's precision): converged items stop moving,
+    # so round-off never drives the iteration along the operator's null space
+    stop = rs * (torch.finfo(x.dtype).eps * 1000) ** 2
+    shape = (-1, *[1] * (x.dim() - 1))
     for _ in range(n_iter):
-        ap = normal(p)
-        denom = (p * ap).flatten(1).sum(1).clamp_min(1e-30)
-        alpha = (rs / denom).reshape(-1, *[1] * (x.dim() - 1))
-        x = x + alpha * p
-        r = r - alpha * ap
-        rs_new = (r * r).flatten(1).sum(1)
-        beta = (rs_new / rs.clamp_min(1e-30)).reshape(-1, *[1] * (x.dim() - 1))
-        p = r + beta * p
-        rs = rs_new
-        if float(rs.max()) < 1e-20:
+        active = rs > stop
+        if not bool(active.any()):
             break
+        ap = normal(p)
+        denom = (p * ap).flatten(1).sum(1)
+        ok = active & (denom > 0)
+        alpha = torch.where(ok, rs / denom.where(ok, torch.ones_like(denom)), torch.zeros_like(rs))
+        x = x + alpha.reshape(shape) * p
+        r = r - alpha.reshape(shape) * ap
+        rs_new = (r * r).flatten(1).sum(1)
+        beta = torch.where(ok, rs_new / rs.where(ok, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = r + beta.reshape(shape) * p
+        rs = torch.where(ok, rs_new, torch.zeros_like(rs))
     return x
 
 

@@ -128,3 +128,19 @@ def test_likelihood_of_gaussian_matches_closed_form():
     exact = prior.log_prob(x)
     assert float(logp[0]) == pytest.approx(float(exact[0]), abs=0.15)
     assert torch.isfinite(bpd).all()
+
+
+def test_cg_data_step_stable_on_projection_operator():
+    """A^H A of a masked FFT is a projector: CG converges in a step or two and must then stay put."""
+    from forward_models import CartesianMRI, MRI_MASKS
+    from recon.samplers import cg_data_step
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 32, 32, generator=g)
+    op = CartesianMRI(MRI_MASKS["equispaced"](acceleration=4, center_fraction=0.08)((32, 32), seed=0).mask)
+    y = op.A(x.to(torch.complex64))
+    x0 = x + 0.05 * torch.randn(x.shape, generator=g)
+    a = cg_data_step(op, y, x0, n_iter=2)
+    b = cg_data_step(op, y, x0, n_iter=50)
+    assert torch.isfinite(b).all() and (a - b).abs().max() < 1e-4
+    assert (op.A(b.to(torch.complex64)) - y).abs().norm() < 1e-3 * y.abs().norm()

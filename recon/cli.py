@@ -1,0 +1,457 @@
+"""The ``recon`` command line.
+
+Each subcommand is a pair (``add_*`` parser builder, ``run_*`` function)
+registered in ``SUBCOMMANDS``.  User-facing problems raise ``ReconError`` (or
+``ValueError`` from the operators, ``OSError`` from the file system): the CLI
+prints one line ``recon <cmd>: error: ...`` and exits with status 2;
+``--debug`` shows the traceback.  Commands that process many cases (``compare``,
+``--manifest``) log failing cases, go on, and exit with status 1 at the end if
+any failed.
+
+Reconstruction commands (task setup in :mod:`recon.tasks`, the loops in
+:mod:`recon.harness`)::
+
+    recon ct INPUT --views N [--limited-angle DEG] [--geometry parallel|fan]
+             [--photons I0 | --noise SIGMA] --method NAME [--param K=V ...] [--prior P]
+             [--size S] [--samples K] [--series UID] [--slice I] --out DIR
+    recon ct --sinogram FILE.npy [--views N] [--geometry ...] --size S --method NAME --out DIR
+    recon mri INPUT --mask KIND --accel R [--center-fraction F] --method NAME --out DIR
+    recon mri --kspace FILE [--mask KIND --accel R] --method NAME --out DIR
+    recon inpaint INPUT --mask box|random|strokes [--box-fraction F] [--keep-ratio P]
+             [--strokes N] --method NAME --out DIR
+    recon compare ct|mri|inpaint (--data DIR | --manifest FILE) --methods m1,m2 [task options]
+             [--slices middle|all] [--max-cases N] [--shard i/n] --out DIR
+    recon demo [--out DIR] [--methods fbp,tv,score-fast]
+    recon methods
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recon.errors import ReconError
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ReconError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def common_options(p: argparse.ArgumentParser, out_required: bool = True):
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", required=out_required, help="output folder (or file where stated)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def progress_enabled(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def log(args, msg: str):
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+def add_train(sub):
+    p = sub.add_parser("train", help="train a score prior on folders of DICOM / NIfTI / PNG / JPEG images",
+                       description="Train an unconditional score prior (EDM-preconditioned denoiser) on patches. "
+                                   "Runs under torchrun for several processes or GPUs (only rank 0 writes).")
+    p.add_argument("--data", action="append", required=True, help="training folder (repeatable)")
+    p.add_argument("--modality", required=True, choices=["ct", "mri"])
+    p.add_argument("--size", type=int, default=128, help="training image size (default 128)")
+    p.add_argument("--patch", type=int, default=64, help="patch size (default 64; = size for whole images)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--base", type=int, default=32, help="U-Net base channels")
+    p.add_argument("--mults", default="1,2,4", help="channel multipliers per level")
+    p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (checkpoint kept)")
+    p.add_argument("--window", default="-1000,1000", help="CT HU window mapped to [0, 1] (default -1000,1000)")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    common_options(p)
+    return p
+
+
+def run_train(args):
+    from recon.train import TrainConfig, train
+
+    window = tuple(float(v) for v in args.window.split(","))
+    cfg = TrainConfig(data=args.data, modality=args.modality, out=args.out, size=args.size, patch=args.patch,
+                      steps=args.steps, batch=args.batch, lr=args.lr, base=args.base,
+                      mults=tuple(int(m) for m in args.mults.split(",")), seed=args.seed, resume=args.resume,
+                      minutes=args.minutes, window=window, max_images=args.max_images,
+                      checkpoint_every=args.checkpoint_every, progress=progress_enabled(args))
+    out = train(cfg, log=lambda m: log(args, m))
+    log(args, f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------
+# sample
+# ---------------------------------------------------------------------------
+def add_sample(sub):
+    p = sub.add_parser("sample", help="draw unconditional samples from a prior")
+    p.add_argument("--prior", required=True, help="shipped prior name (ct, brain-mri) or path to .safetensors")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--sampler", default="pc", choices=["pc", "ode"])
+    p.add_argument("--steps", type=int, default=None, help="noise levels (default: pc 500, ode 40)")
+    p.add_argument("--snr", type=float, default=0.16)
+    p.add_argument("--real", action="append", default=None,
+                   help="folder of real images: show as many of them (same size, same normalisation) "
+                        "in a second row of samples.png (repeatable)")
+    common_options(p)
+    return p
+
+
+def run_sample(args):
+    import numpy as np
+    import torch
+
+    from recon.prior import load_prior
+    from recon.samplers import ode_sample, pc_sample
+    from recon.figures import save_grid
+
+    device = resolve_device(args.device)
+    prior = load_prior(args.prior, device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    shape = (args.n, prior.image_size, prior.image_size)
+    with torch.no_grad():
+        if args.sampler == "pc":
+            x = pc_sample(prior, shape, n_steps=args.steps or 500, snr=args.snr, generator=g, device=device,
+                          sde=prior.sde)
+        else:
+            x = ode_sample(prior, shape, n_steps=args.steps or 40, generator=g, device=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    arr = x.clamp(0, 1).cpu().numpy()
+    from recon.io.images import write_npy
+
+    write_npy(arr, out / "samples.npy")
+    images, labels = [a for a in arr], None
+    if args.real:
+        from recon.train import load_image_folder
+
+        real, _ = load_image_folder(args.real, prior.meta.get("modality", "ct"), prior.image_size,
+                                    prior.window or (-1000.0, 1000.0), max_images=args.n, seed=args.seed)
+        images += [r[0].numpy() for r in real[: args.n]]
+        labels = ["samples", "real"]
+    save_grid(images, out / "samples.png", ncols=args.n, row_labels=labels)
+    log(args, f"wrote {args.n} samples to {out}")
+
+
+# ---------------------------------------------------------------------------
+# likelihood
+# ---------------------------------------------------------------------------
+def add_likelihood(sub):
+    p = sub.add_parser("likelihood", help="bits per dimension of an image under a prior (probability-flow ODE)")
+    p.add_argument("input", help="image file (DICOM, NIfTI, PNG/JPEG, .npy)")
+    p.add_argument("--prior", required=True)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per step")
+    common_options(p, out_required=False)
+    return p
+
+
+def run_likelihood(args):
+    import torch
+
+    from recon.likelihood import log_likelihood
+    from recon.prior import load_prior
+    from recon.preprocess import load_case_image
+
+    device = resolve_device(args.device)
+    prior = load_prior(args.prior, device=device)
+    img = load_case_image(args.input, prior.meta.get("modality", "ct"), prior.image_size, prior.window)
+    x = torch.as_tensor(img, device=device)[None]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    logp, bpd = log_likelihood(prior, x, n_steps=args.steps, n_probes=args.probes, generator=g)
+    result = {"input": str(args.input), "prior": str(args.prior), "log_likelihood_nats": float(logp[0]),
+              "bits_per_dim": float(bpd[0])}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        from recon.harness import write_text
+
+        write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------
+def add_bench(sub):
+    p = sub.add_parser("bench", help="benchmarks (operators)")
+    p.add_argument("what", choices=["operators"])
+    p.add_argument("--sizes", default="256,512")
+    p.add_argument("--views", default="23,90,180")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def run_bench(args):
+    from recon.bench import bench_operators
+
+    bench_operators(sizes=tuple(int(s) for s in args.sizes.split(",")),
+                    views=tuple(int(v) for v in args.views.split(",")))
+
+
+# ---------------------------------------------------------------------------
+# reconstruction: ct / mri / inpaint / compare / demo / methods
+# ---------------------------------------------------------------------------
+_METHOD_HELP = ("reconstruction method: fbp, sirt, tv, cgls (CT); zero-filled, sense-adjoint, cs-wavelet, "
+                "tv, cgls (MRI); biharmonic, tv, cgls (inpainting); score, score-fast, dps (any, need a "
+                "prior); `recon methods` lists them")
+
+
+def _method_options(p, multi: bool = False):
+    g = p.add_argument_group("method")
+    if multi:
+        g.add_argument("--methods", required=True, metavar="M1,M2,...",
+                       help="comma-separated methods, e.g. fbp,tv,score-fast (see `recon methods`)")
+    else:
+        g.add_argument("--method", required=True, metavar="NAME", help=_METHOD_HELP)
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra method option (repeatable), value parsed as int/float/bool/none/str, "
+                        "'a,b' as a tuple; e.g. lam=1e-3, n_iter=50" +
+                        ("; METHOD.KEY=VALUE for one method only (e.g. tv.lam=1e-3)" if multi else ""))
+    g.add_argument("--prior", default=None, metavar="NAME|PATH",
+                   help="score prior: shipped name (ct, brain-mri) or .safetensors path (default: ct for "
+                        "CT, brain-mri for MRI)")
+    g.add_argument("--size", type=int, default=None, metavar="S",
+                   help="working image size SxS (default: the native size after a square centre crop; "
+                        "the prior's image size when a score method runs)")
+    if not multi:
+        g.add_argument("--samples", type=int, default=1, metavar="K",
+                       help="posterior samples for score methods: the mean is the reconstruction and "
+                            "std.png/std.npy their per-pixel std (default 1)")
+
+
+def _input_options(p, positional: bool = True, required: bool = True):
+    if positional:
+        p.add_argument("input", nargs=None if required else "?", metavar="INPUT",
+                       help="ground-truth image: DICOM file or folder, NIfTI, PNG/JPEG/TIFF, or 2-D .npy")
+    p.add_argument("--series", default=None, metavar="UID", help="DICOM series to read from a folder holding several")
+    p.add_argument("--slice", type=int, default=None, metavar="I", help="slice index of a volume (default: middle)")
+
+
+def _manifest_options(p):
+    g = p.add_argument_group("batches (see recon.harness for a Slurm example)")
+    g.add_argument("--manifest", default=None, metavar="FILE",
+                   help="text file with one input per line (# comments); one output folder per line")
+    g.add_argument("--shard", default=None, metavar="i/n",
+                   help="process only lines whose 0-based index %% n == i")
+    g.add_argument("--force", action="store_true", help="recompute cases whose outputs already exist")
+
+
+_OUT_HELP = {
+    "ct": "CT reconstruction from a simulated (or a measured --sinogram) sinogram",
+    "mri": "MRI reconstruction from simulated or measured (--kspace) undersampled k-space",
+    "inpaint": "fill missing pixels (box, random pixels, brush strokes)",
+}
+
+_EPILOG = ("Outputs in --out: the reconstruction (a derived DICOM series in dicom/ for DICOM input, else "
+           "recon.nii.gz; in the input's units), recon.png, metrics.json (PSNR/SSIM/NMSE on the [0, 1] scale "
+           "when a ground truth exists), run.json (versions, options, timings). Exit status 2 on bad input.")
+
+
+def add_ct(sub):
+    from recon.tasks import TASKS
+
+    p = sub.add_parser("ct", help=_OUT_HELP["ct"], description=_OUT_HELP["ct"] + ". " + _EPILOG)
+    _input_options(p, required=False)
+    g = p.add_argument_group("measured data")
+    g.add_argument("--sinogram", default=None, metavar="FILE",
+                   help="measured sinogram .npy (views, detectors) instead of INPUT; --views/--geometry "
+                        "describe it; no ground truth")
+    g.add_argument("--sinogram-units", choices=["image", "attenuation"], default="image",
+                   help="image: y = A x for the [0, 1] image with unit pixels (as sinogram.npy is written); "
+                        "attenuation: post-log line integrals (mu in 1/mm times mm), converted with the "
+                        "window and --fov")
+    g.add_argument("--sigma-y", type=float, default=None, metavar="STD",
+                   help="noise std of the measured data in y units (passed to score methods)")
+    TASKS["ct"].add_arguments(p)
+    _method_options(p)
+    _manifest_options(p)
+    common_options(p)
+    return p
+
+
+def add_mri(sub):
+    from recon.tasks import TASKS
+
+    p = sub.add_parser("mri", help=_OUT_HELP["mri"], description=_OUT_HELP["mri"] + ". " + _EPILOG)
+    _input_options(p, required=False)
+    g = p.add_argument_group("measured k-space")
+    g.add_argument("--kspace", default=None, metavar="FILE",
+                   help="k-space instead of INPUT: fastMRI .h5, BART .cfl/.hdr, complex .npy; multi-coil "
+                        "-> SENSE with coil maps from the calibration region; already undersampled data "
+                        "keeps its sampling pattern (then --mask/--accel are optional)")
+    g.add_argument("--dataset", default=None, metavar="NAME", help=".h5 k-space dataset (default kspace)")
+    g.add_argument("--from-image", action="store_true",
+                   help="--kspace FILE is a complex image; its centred FFT is the k-space")
+    g.add_argument("--calib", type=int, default=None, metavar="N",
+                   help="calibration block size for coil maps (default: the fully sampled centre, <= 32)")
+    g.add_argument("--reference", default=None, metavar="FILE",
+                   help="reference image for metrics (e.g. BART img.cfl); .h5 reconstruction_rss is used "
+                        "automatically")
+    g.add_argument("--sigma-y", type=float, default=None, metavar="STD",
+                   help="noise std of the measured k-space after scaling (passed to score methods)")
+    TASKS["mri"].add_arguments(p)
+    _method_options(p)
+    _manifest_options(p)
+    common_options(p)
+    return p
+
+
+def add_inpaint(sub):
+    from recon.tasks import TASKS
+
+    p = sub.add_parser("inpaint", help=_OUT_HELP["inpaint"], description=_OUT_HELP["inpaint"] + ". " + _EPILOG)
+    _input_options(p)
+    TASKS["inpaint"].add_arguments(p)
+    _method_options(p)
+    common_options(p)
+    p.set_defaults(manifest=None, shard=None, force=False)
+    return p
+
+
+def _run_task(name):
+    def run(args):
+        from recon.harness import run_single
+        from recon.tasks import TASKS
+
+        return run_single(TASKS[name], args, lambda m: log(args, m))
+
+    run.__name__ = f"run_{name}"
+    return run
+
+
+def add_compare(sub):
+    from recon.tasks import TASKS
+
+    desc = ("Compare methods on every case under --data (or listed in --manifest): each case is "
+            "normalised, resized to --size, measured ONCE (seeded) and reconstructed by every method. "
+            "Writes metrics.csv (case,method,psnr,ssim,nmse,seconds), summary.md (mean ± std per method) "
+            "and figures/CASE.png. A failing method or case is logged and the run goes on; the exit "
+            "status is 1 if anything failed.")
+    p = sub.add_parser("compare", help="compare methods over a folder of cases", description=desc)
+    tsub = p.add_subparsers(dest="task", required=True, metavar="{ct,mri,inpaint}")
+    for name, task in TASKS.items():
+        q = tsub.add_parser(name, help=f"compare on {task.description}", description=desc)
+        g = q.add_argument_group("cases")
+        g.add_argument("--data", default=None, metavar="DIR",
+                       help="folder of cases: DICOM series, NIfTI volumes, PNG/JPEG/TIFF, 2-D .npy")
+        g.add_argument("--slices", choices=["middle", "all"], default="middle",
+                       help="which slices of each volume (default middle)")
+        g.add_argument("--max-cases", type=int, default=None, metavar="N",
+                       help="only the first N cases (per manifest line with --manifest)")
+        task.add_arguments(q)
+        _method_options(q, multi=True)
+        _manifest_options(q)
+        common_options(q)
+    return p
+
+
+def run_compare(args):
+    from recon.harness import run_compare as _run
+
+    return _run(args, lambda m: log(args, m))
+
+
+def add_demo(sub):
+    p = sub.add_parser("demo", help="the README example: CT_small.dcm, 23 views, fbp vs tv (vs score-fast)",
+                       description="Reconstruct pydicom's CT_small.dcm (128x128 real CT) from 23 noise-free "
+                                   "parallel-beam views with FBP, TV and (if the 'ct' prior is shipped) "
+                                   "score-fast; writes demo.png, metrics.md, metrics.csv and prints the table.")
+    p.add_argument("--methods", default="fbp,tv,score-fast", metavar="M1,M2,...")
+    p.add_argument("--views", type=int, default=23, help=argparse.SUPPRESS)
+    common_options(p, out_required=False)
+    p.set_defaults(out="recon-demo")
+    return p
+
+
+def run_demo(args):
+    from recon.harness import run_demo as _run
+
+    return _run(args, lambda m: log(args, m))
+
+
+def add_methods(sub):
+    return sub.add_parser("methods", help="list the reconstruction methods and what they apply to")
+
+
+def run_methods(args):
+    from recon.methods import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name in sorted(METHODS):
+        m = METHODS[name]
+        opts = m.options()
+        names = "any (passed through)" if opts is None else (", ".join(o for o in opts if o != "callback") or "none")
+        print(f"{name:<{width}}  {m.applies_to}; options: {names}")
+    return 0
+
+
+SUBCOMMANDS = {
+    "train": (add_train, run_train),
+    "sample": (add_sample, run_sample),
+    "likelihood": (add_likelihood, run_likelihood),
+    "bench": (add_bench, run_bench),
+    "ct": (add_ct, _run_task("ct")),
+    "mri": (add_mri, _run_task("mri")),
+    "inpaint": (add_inpaint, _run_task("inpaint")),
+    "compare": (add_compare, run_compare),
+    "demo": (add_demo, run_demo),
+    "methods": (add_methods, run_methods),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recon", description="Medical image reconstruction with score-based priors "
+                                     "and pluggable measurement operators.")
+    from recon import __version__
+
+    parser.add_argument("--version", action="version", version=f"recon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, _) in SUBCOMMANDS.items():
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _, run = SUBCOMMANDS[args.command]
+    try:
+        rc = run(args)
+    except (ReconError, ValueError, OSError) as e:
+        if getattr(args, "debug", False):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"recon {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recon {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: one line, the traceback with --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"recon {args.command}: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+              "(rerun with --debug for the traceback and please report it)", file=sys.stderr)
+        return 1
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
