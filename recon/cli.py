@@ -352,8 +352,8 @@ def add_compare(sub):
         g = q.add_argument_group("cases")
         g.add_argument("--data", default=None, metavar="DIR",
                        help="folder of cases: DICOM series, NIfTI volumes, PNG/JPEG/TIFF, 2-D .npy")
-        g.add_argument("--slices", choices=["middle", "all"], default="middle",
-                       help="which slices of each volume (default middle)")
+        g.add_argument("--slices", default="middle", metavar="middle|all|every:K",
+                       help="which slices of each volume: the middle one (default), all, or every K-th")
         g.add_argument("--max-cases", type=int, default=None, metavar="N",
                        help="only the first N cases (per manifest line with --manifest)")
         task.add_arguments(q)

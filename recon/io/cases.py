@@ -112,7 +112,15 @@ def _strip_suffix(name: str) -> str:
 
 
 def _indices(n: int, slices: str) -> list[int]:
-    return list(range(n)) if slices == "all" else [n // 2]
+    """'middle', 'all', or 'every:K' (every K-th slice, starting at K // 2)."""
+    if slices == "all":
+        return list(range(n))
+    if slices == "middle":
+        return [n // 2]
+    if isinstance(slices, str) and slices.startswith("every:") and slices[6:].isdigit() and int(slices[6:]) > 0:
+        k = int(slices[6:])
+        return list(range(min(k // 2, n - 1), n, k))
+    raise ReconError(f"slices must be 'middle', 'all' or 'every:K' with K >= 1, got {slices!r}")
 
 
 def _dicom_cases(files: list[Path], root: Path, slices: str) -> list[tuple[str, Case]]:
@@ -200,8 +208,7 @@ def _walk(root: Path) -> list[Path]:
 
 def discover_cases(root: str | os.PathLike, slices: str = "middle") -> list[Case]:
     """All 2D evaluation cases under ``root`` (see the module docstring)."""
-    if slices not in ("middle", "all"):
-        raise ReconError(f"discover_cases: slices must be 'middle' or 'all', got {slices!r}")
+    _indices(1, slices)  # validates the selector
     root_p = Path(root)
     if not root_p.exists():
         raise ReconError(f"{root_p}: no such file or folder; check the data path")
