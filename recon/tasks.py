@@ -341,6 +341,17 @@ def _add_noise_option(p, photons: bool):
                         "(relative, e.g. 0.01 = 1%%); default: noise-free")
 
 
+
+def _simulate_masked(truth, op, args, generator):
+    """y = A x (+ Gaussian noise on the measured entries): shared by MRI and inpainting."""
+    x = torch.from_numpy(truth.x)[None].to(generator.device)
+    with torch.no_grad():
+        clean = op.A(x)
+        if args.noise:
+            y, sigma_y = _gaussian(clean, args.noise, generator, mask=op.mask)
+            return y, sigma_y, {"model": "gaussian", "relative_sigma": args.noise}
+    return clean, 0.0, {"model": "none"}
+
 class CTTask(Task):
     name = "ct"
     description = "sparse-view / limited-angle CT (parallel or fan beam)"
@@ -520,15 +531,7 @@ class MRITask(Task):
         return CartesianMRI(self.make_mask(args, (size, size)), shape=(size, size)).to(device)
 
     def simulate(self, truth, op, args, generator):
-        dev = generator.device
-        x = torch.from_numpy(truth.x)[None].to(dev)
-        with torch.no_grad():
-            clean = op.A(x)
-            if args.noise:
-                y, sigma_y = _gaussian(clean, args.noise, generator, mask=op.mask)
-                info = {"model": "gaussian", "relative_sigma": args.noise}
-            else:
-                y, sigma_y, info = clean, 0.0, {"model": "none"}
+        y, sigma_y, info = _simulate_masked(truth, op, args, generator)
         info.update(sigma_y=sigma_y, acceleration=float(op.acceleration))
         return Measurement(y=y, op=op, sigma_y=sigma_y, info=info)
 
@@ -706,15 +709,7 @@ class InpaintTask(Task):
         return Inpainting(self.make_mask(args, (size, size)), shape=(size, size)).to(device)
 
     def simulate(self, truth, op, args, generator):
-        dev = generator.device
-        x = torch.from_numpy(truth.x)[None].to(dev)
-        with torch.no_grad():
-            clean = op.A(x)
-            if args.noise:
-                y, sigma_y = _gaussian(clean, args.noise, generator, mask=op.mask)
-                info = {"model": "gaussian", "relative_sigma": args.noise}
-            else:
-                y, sigma_y, info = clean, 0.0, {"model": "none"}
+        y, sigma_y, info = _simulate_masked(truth, op, args, generator)
         info.update(sigma_y=sigma_y, observed_fraction=float(op.mask.mean()))
         return Measurement(y=y, op=op, sigma_y=sigma_y, info=info)
 

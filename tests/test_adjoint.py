@@ -7,13 +7,6 @@ import torch
 from forward_models import (MRI_MASKS, Adjoint, CartesianMRI, Compose, FanBeamCT, Inpainting,
                             ParallelBeamCT, RandomPixelMask, Scaled, SenseMRI, views)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensor ops on a busy 2-core machine run faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rand(shape, dtype, complex_, gen):

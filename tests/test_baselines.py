@@ -17,13 +17,6 @@ from recon.errors import ReconError
 from recon.metrics import psnr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the test machine has 2 shared cores; multi-threaded tiny ops stall there
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------

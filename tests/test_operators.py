@@ -14,13 +14,6 @@ from forward_models import (INPAINT_MASKS, MRI_MASKS, BoxMask, CartesianMRI, Equ
 from recon.fbp import fbp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensor ops on a busy 2-core machine run faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _phantom(n):
