@@ -81,3 +81,26 @@ def save_comparison(truth, recons: dict, metrics: dict, path, title="", vmin=0.0
     if title:
         fig.suptitle(title, fontsize=10)
     _savefig(fig, path)
+
+
+def save_training_curve(history, path, val=None, title=""):
+    """Training loss (EMA-free running mean per logged step) against steps; ``history`` rows are
+    [step, loss, seconds]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = np.asarray(history, dtype=float)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(h[:, 0], h[:, 1], lw=1.2, label="training loss (mean of 50 steps)")
+    if val is not None:
+        ax.axhline(val, color="C1", ls="--", lw=1, label=f"final validation loss {val:.4f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("EDM loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    _savefig(fig, path)
