@@ -80,6 +80,9 @@ def add_train(sub):
     p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (checkpoint kept)")
     p.add_argument("--window", default="-1000,1000", help="CT HU window mapped to [0, 1] (default -1000,1000)")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--objective", default="edm", choices=["edm", "dsm", "dsm-lw", "ssm"],
+                   help="edm: EDM-weighted DSM (default); dsm: continuous-time DSM on the VE SDE "
+                        "(dsm-lw: likelihood weighting); ssm: sliced score matching")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     p.add_argument("--checkpoint-every", type=int, default=200)
     common_options(p)
@@ -94,7 +97,8 @@ def run_train(args):
                       steps=args.steps, batch=args.batch, lr=args.lr, base=args.base,
                       mults=tuple(int(m) for m in args.mults.split(",")), seed=args.seed, resume=args.resume,
                       minutes=args.minutes, window=window, max_images=args.max_images,
-                      checkpoint_every=args.checkpoint_every, progress=progress_enabled(args))
+                      checkpoint_every=args.checkpoint_every, progress=progress_enabled(args),
+                      objective=args.objective)
     out = train(cfg, log=lambda m: log(args, m))
     log(args, f"wrote {out}")
 

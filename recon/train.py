@@ -30,7 +30,7 @@ from recon.errors import ReconError
 from recon.networks import UNet
 from recon.preprocess import CT_WINDOW, normalise, square_resize
 from recon.prior import EDMDenoiser, Prior, load_prior, save_prior, resolve_prior_path
-from recon.sde import SDE, _bc
+from recon.sde import SDE, VESDE, _bc, sde_from_config
 
 
 
@@ -49,19 +49,51 @@ def edm_loss(denoiser, x0, generator=None, p_mean=-1.2, p_std=1.2, coords=None, 
     return (_bc(weight, x0) * (d - x0) ** 2).flatten(1).mean(1).mean()
 
 
-def dsm_loss(prior: Prior, x0, sde: SDE, generator=None, eps=1e-5, likelihood_weighting=False):
-    """Continuous-time DSM on ``sde`` (Song et al. 2021, eq. 7)."""
+def dsm_loss(score_fn, x0, sde: SDE, generator=None, eps=1e-5, likelihood_weighting=False):
+    """Continuous-time DSM on ``sde`` (Song et al. 2021, eq. 7); ``score_fn(x, t)``.
+
+    Weighting lambda(t) = std(t)^2, or g(t)^2 with ``likelihood_weighting``
+    (Song, Durkan, Murray & Ermon 2021).
+    """
     b = x0.shape[0]
     t = torch.rand(b, generator=generator, dtype=x0.dtype, device=x0.device) * (sde.T - eps) + eps
     z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     mean, std = sde.marginal(x0, t)
-    score = prior.score(mean + std * z, t, sde)
+    score = score_fn(mean + std * z, t)
     if likelihood_weighting:
         g2 = sde.sde(torch.zeros_like(x0), t)[1] ** 2
         losses = (score + z / std) ** 2 * _bc(g2, x0)
     else:
         losses = (score * std + z) ** 2
     return losses.flatten(1).sum(1).mean()
+
+
+def _denoiser_score_fn(denoiser, sde: SDE, coords=None):
+    """Score of the noisy marginal from an EDM denoiser (Tweedie), for any SDE."""
+    def score(x, t):
+        s, sigma = sde.scale_sigma(t)
+        sb, stdb = _bc(s, x), _bc(s * sigma, x)
+        return (sb * denoiser(x / sb, sigma, coords) - x) / stdb**2
+    return score
+
+
+def training_loss(objective: str, denoiser, x0, generator, coords=None, sigma_data=0.5, sde: SDE | None = None):
+    """The objective used by ``recon train``: 'edm' (default), 'dsm', 'dsm-lw' or 'ssm'."""
+    if objective == "edm":
+        return edm_loss(denoiser, x0, generator=generator, coords=coords, sigma_data=sigma_data)
+    sde = sde or VESDE()
+    if objective in ("dsm", "dsm-lw"):
+        return dsm_loss(_denoiser_score_fn(denoiser, sde, coords), x0, sde, generator,
+                        likelihood_weighting=objective == "dsm-lw") / x0[0].numel()
+    if objective == "ssm":
+        # noise-conditional sliced score matching: SSM of p_sigma at a random level, weighted by sigma^2
+        b = x0.shape[0]
+        t = torch.rand(b, generator=generator, dtype=x0.dtype) * (1 - 1e-3) + 1e-3
+        _, sigma = sde.scale_sigma(t)
+        xt = x0 + _bc(sigma, x0) * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        fn = _denoiser_score_fn(denoiser, sde, coords)
+        return ssm_loss(lambda v: fn(v, t) * _bc(sigma, v), xt, generator) / x0[0].numel()
+    raise ReconError(f"unknown objective '{objective}'; available: edm, dsm, dsm-lw, ssm")
 
 
 def ssm_loss(score_fn, x, generator=None, n_particles=1):
@@ -208,6 +240,7 @@ class TrainConfig:
     window: tuple = CT_WINDOW
     progress: bool = True
     threads: int | None = None
+    objective: str = "edm"
     extra_meta: dict = field(default_factory=dict)
 
 
@@ -296,6 +329,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 torch.set_rng_state(st["rng"])
         if rank == 0:
             log(f"resumed from {out} at step {step}")
+    train_sde = sde_from_config(meta["sde"])
+    meta["objective"] = cfg.objective
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -335,7 +370,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         warm = min(1.0, (step + 1) / 100)
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * warm
-        loss = edm_loss(net, x, generator=g, coords=coords, sigma_data=model.sigma_data)
+        loss = training_loss(cfg.objective, net, x, g, coords, model.sigma_data, train_sde)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

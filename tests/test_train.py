@@ -151,3 +151,26 @@ def test_torchrun_two_process_gloo(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["steps"] == 4
+
+
+@pytest.mark.parametrize("objective", ["dsm", "dsm-lw", "ssm"])
+def test_alternative_objectives_decrease_loss(objective):
+    from recon.train import training_loss
+
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    imgs = torch.stack([((xx - c) ** 2 + yy**2 < 0.3).float() for c in (-0.3, 0.0, 0.3)])[:, None]
+    model = _tiny_denoiser()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def eval_loss():
+        return float(np.mean([float(training_loss(objective, model, imgs.repeat(8, 1, 1, 1),
+                                                  torch.Generator().manual_seed(s)).detach()) for s in range(6)]))
+
+    before = eval_loss()
+    for _ in range(60):
+        loss = training_loss(objective, model, imgs.repeat(4, 1, 1, 1), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < before
