@@ -85,6 +85,11 @@ def add_train(sub):
                         "(dsm-lw: likelihood weighting); ssm: sliced score matching")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--full-every", type=int, default=4,
+                   help="every N-th step trains on whole images instead of patches (0: never; default 4)")
+    p.add_argument("--full-noise", default="-1.2,1.2", metavar="P_MEAN,P_STD",
+                   help="log-normal noise distribution of the whole-image steps (default: EDM's -1.2,1.2; "
+                        "a larger mean teaches the layout decided at high noise)")
     common_options(p)
     return p
 
@@ -98,7 +103,8 @@ def run_train(args):
                       mults=tuple(int(m) for m in args.mults.split(",")), seed=args.seed, resume=args.resume,
                       minutes=args.minutes, window=window, max_images=args.max_images,
                       checkpoint_every=args.checkpoint_every, progress=progress_enabled(args),
-                      objective=args.objective)
+                      objective=args.objective, full_every=args.full_every,
+                      full_p_mean=float(args.full_noise.split(",")[0]), full_p_std=float(args.full_noise.split(",")[1]))
     out = train(cfg, log=lambda m: log(args, m))
     log(args, f"wrote {out}")
 

@@ -241,6 +241,9 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     objective: str = "edm"
+    full_every: int = 4
+    full_p_mean: float = -1.2
+    full_p_std: float = 1.2
     extra_meta: dict = field(default_factory=dict)
 
 
@@ -342,7 +345,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         val = validation_loss(ema, val_x)
         meta["training"] = {
             "data": [str(d) for d in cfg.data], "steps": step, "batch": cfg.batch * world, "patch": cfg.patch,
-            "lr": cfg.lr, "ema": cfg.ema, "seed": cfg.seed, "seconds": round(elapsed_before + time.time() - t0, 1),
+            "lr": cfg.lr, "ema": cfg.ema, "seed": cfg.seed, "full_image_every": cfg.full_every,
+            "full_image_noise": [cfg.full_p_mean, cfg.full_p_std], "seconds": round(elapsed_before + time.time() - t0, 1),
             "train_images": len(tr_idx), "val_images": len(va_idx),
             "final_train_loss": float(np.mean([h[1] for h in history[-10:]])) if history else None,
             "final_val_loss": val, "history": history, "world_size": world,
@@ -360,7 +364,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             if rank == 0:
                 log(f"time budget of {cfg.minutes} min reached at step {step}")
             break
-        full = step % 4 == 3
+        full = cfg.full_every > 0 and step % cfg.full_every == cfg.full_every - 1
         bsz = max(1, cfg.batch // 4) if full else cfg.batch
         idx = torch.randint(0, len(train_x), (bsz,), generator=g)
         x = augment(train_x[idx], g)
@@ -370,7 +374,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
         warm = min(1.0, (step + 1) / 100)
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * warm
-        loss = training_loss(cfg.objective, net, x, g, coords, model.sigma_data, train_sde)
+        if full and cfg.objective == "edm":
+            # whole images also learn the layout, decided at high noise: a broader noise distribution
+            loss = edm_loss(net, x, g, cfg.full_p_mean, cfg.full_p_std, sigma_data=model.sigma_data)
+        else:
+            loss = training_loss(cfg.objective, net, x, g, coords, model.sigma_data, train_sde)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
