@@ -110,6 +110,12 @@ def parse_params(items: Iterable[str] | None) -> dict:
 # ---------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------
+def _noisy(args) -> bool:
+    """Whether the measurement is simulated with noise or measured (then assumed noisy)."""
+    return bool(getattr(args, "photons", None) or getattr(args, "noise", None) or getattr(args, "sigma_y", None)
+                or getattr(args, "sinogram", None) or getattr(args, "kspace", None))
+
+
 @dataclass
 class MethodRun:
     name: str
@@ -124,8 +130,10 @@ class MethodRun:
         return opts is not None and key in opts
 
 
-def plan_methods(names: list[str], task, params: dict) -> list[MethodRun]:
-    """Resolve method names (unknown -> ReconError listing the available ones) and their options."""
+def plan_methods(names: list[str], task, params: dict, noisy: bool = False) -> list[MethodRun]:
+    """Resolve method names (unknown -> ReconError listing the available ones) and their options.
+
+    ``noisy`` selects the task's defaults tuned for noisy measurements."""
     from recon.methods import get_method
 
     if not names:
@@ -142,7 +150,7 @@ def plan_methods(names: list[str], task, params: dict) -> list[MethodRun]:
     used = set()
     for n, m in methods:
         accepted = m.options()
-        defaults = {k: v for k, v in task.default_options(n).items() if accepted is None or k in accepted}
+        defaults = {k: v for k, v in task.default_options(n, noisy).items() if accepted is None or k in accepted}
         opts = dict(defaults)
         for k, v in params.get(None, {}).items():
             if len(methods) == 1 or (accepted is not None and k in accepted):
@@ -652,7 +660,7 @@ def _single_case(task, args, out: Path, log: Callable[[str], None], *, fp: str |
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     params = parse_params(args.param)
-    (run,) = plan_methods([args.method], task, params)
+    (run,) = plan_methods([args.method], task, params, noisy=_noisy(args))
     if args.samples < 1:
         raise ReconError(f"--samples must be >= 1, got {args.samples}")
     if args.samples > 1 and not run.score:
@@ -980,7 +988,7 @@ def run_compare(args, log) -> int:
 
     task = TASKS[args.task]
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    runs = plan_methods(names, task, parse_params(args.param))
+    runs = plan_methods(names, task, parse_params(args.param), noisy=_noisy(args))
     shard = parse_shard(args.shard)
     if args.max_cases is not None and args.max_cases < 1:
         raise ReconError(f"--max-cases must be >= 1, got {args.max_cases}")
