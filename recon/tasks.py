@@ -659,8 +659,9 @@ class MRITask(Task):
 class InpaintTask(Task):
     name = "inpaint"
     description = "image inpainting (missing box, random pixels or brush strokes)"
+    # tuned on totalseg_example_j2k slices 5 and 15 at 128 px, central box of 25 % area
     method_defaults = {
-        "tv": {"lam": 5e-3, "n_iter": 300, "clip": (0.0, 1.0)},
+        "tv": {"lam": 2e-2, "n_iter": 1000, "clip": (0.0, 1.0)},
     }
     _acq_keys = ("mask", "box_fraction", "keep_ratio", "strokes", "mask_file", "noise", "window", "units")
 
