@@ -2,28 +2,11 @@
 import pytest
 import torch
 
-from forward_models.base import Decomposition, Identity, LinearOperator
+from forward_models import Inpainting as MaskOp
 from recon.errors import ReconError
 from recon.likelihood import log_likelihood
 from recon.prior import GaussianPrior
 from recon.samplers import dds_sample, dps_sample, ode_sample, pc_sample, ProjectionConsistency
-
-
-class MaskOp(LinearOperator):
-    """Inpainting-style operator A x = m * x on (H, W) images (test double)."""
-
-    def __init__(self, mask):
-        super().__init__(mask.shape, mask.shape)
-        self.register_buffer("mask", mask)
-
-    def _apply(self, x):
-        return self.mask.to(x.dtype) * x
-
-    def _adjoint(self, y):
-        return self.mask.to(y.dtype) * y
-
-    def decompose(self):
-        return Decomposition(Identity(self.in_shape), self.mask.to(torch.float64), lambda y: y)
 
 
 def correlated_gaussian(h=3, w=3):
