@@ -201,12 +201,16 @@ def _reverse_diffusion(prior, u, sigma, sigma_next, generator, *_):
 
 
 def _euler_maruyama(prior, u, sigma, sigma_next, generator, t, t_next, sde):
-    # Reverse SDE in the scaled VE space: du = -d(sigma^2)/dt score dt + sqrt(d sigma^2/dt) dw.
-    if t_next is None:
-        t_next = torch.tensor(0.0, dtype=torch.float64)
-    dsig2 = sigma**2 - sigma_next**2
+    """Euler-Maruyama step of the reverse SDE in the scaled (VE-equivalent) space,
+    du = -g^2(t) score dt + g(t) dw with g^2 = d sigma^2 / dt evaluated at t (not the exact
+    variance difference used by the reverse-diffusion predictor)."""
+    t = float(t)
+    dt = t - (float(t_next) if t_next is not None else 0.0)
+    h = min(1e-4, t / 2)
+    sig_prev = float(sde.scale_sigma(torch.tensor([t - h], dtype=torch.float64))[1])
+    g2 = (sigma**2 - sig_prev**2) / h
     score = (prior.denoise(u, sigma) - u) / sigma**2
-    return u + dsig2 * score + math.sqrt(dsig2) * _randn(u, generator)
+    return u + g2 * dt * score + math.sqrt(max(g2 * dt, 0.0)) * _randn(u, generator)
 
 
 PREDICTORS = {"reverse_diffusion": _reverse_diffusion, "euler_maruyama": _euler_maruyama}

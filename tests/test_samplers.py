@@ -127,3 +127,13 @@ def test_cg_data_step_stable_on_projection_operator():
     b = cg_data_step(op, y, x0, n_iter=50)
     assert torch.isfinite(b).all() and (a - b).abs().max() < 1e-4
     assert (op.A(b.to(torch.complex64)) - y).abs().norm() < 1e-3 * y.abs().norm()
+
+
+def test_euler_maruyama_predictor_matches_prior_moments():
+    prior, mean, cov = correlated_gaussian()
+    g = torch.Generator().manual_seed(4)
+    x = pc_sample(prior, (2000, 3, 3), n_steps=300, n_corrector=0, predictor="euler_maruyama",
+                  generator=g, dtype=torch.float64)
+    flat = x.reshape(len(x), -1)
+    assert (flat.mean(0) - mean).abs().max() < 0.02
+    assert (torch.cov(flat.T) - cov).abs().max() < 0.01
