@@ -50,7 +50,7 @@ def _generator(y, seed, generator):
     return torch.Generator(device=y.device).manual_seed(int(seed))
 
 
-def _check_size(prior, op):
+def _check_2d(op):
     if len(op.in_shape) != 2:
         raise ReconError(f"score-based methods reconstruct 2-D images; operator input shape is {op.in_shape}")
 
@@ -60,7 +60,7 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
              generator=None, callback=None):
     """Predictor-corrector sampling with projection data consistency (Song et al. 2022)."""
     p = _prior(prior, y.device)
-    _check_size(p, op)
+    _check_2d(op)
     d = {"n_steps": 500, "snr": 0.16, "lam": 1.0, "n_corrector": 1, "inverse_iters": 10, **_defaults(p, "score", op)}
     for k, v in dict(n_steps=n_steps, snr=snr, lam=lam, n_corrector=n_corrector, inverse_iters=inverse_iters).items():
         if v is not None:
@@ -80,7 +80,7 @@ def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int |
                generator=None, callback=None):
     """Fast solver: Tweedie + CG + re-noising (DDS-style), n_steps network evaluations."""
     p = _prior(prior, y.device)
-    _check_size(p, op)
+    _check_2d(op)
     d = {"n_steps": 100, "cg_iters": 10, "sigma_max": 3.0, "eta": 1.0, **_defaults(p, "score-fast", op)}
     for k, v in dict(n_steps=n_steps, cg_iters=cg_iters, sigma_max=sigma_max, eta=eta).items():
         if v is not None:
@@ -95,7 +95,7 @@ def dps(y, op, *, prior=None, n_steps: int | None = None, zeta: float | None = N
         sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None):
     """Diffusion posterior sampling (Chung et al. 2023)."""
     p = _prior(prior, y.device)
-    _check_size(p, op)
+    _check_2d(op)
     d = {"n_steps": 500, "zeta": 1.0, "sigma_max": 10.0, **_defaults(p, "dps", op)}
     for k, v in dict(n_steps=n_steps, zeta=zeta, sigma_max=sigma_max).items():
         if v is not None:
