@@ -127,7 +127,6 @@ def add_sample(sub):
 
 
 def run_sample(args):
-    import numpy as np
     import torch
 
     from recon.prior import load_prior

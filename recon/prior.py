@@ -23,7 +23,7 @@ from torch import nn
 
 from recon.errors import ReconError
 from recon.networks import UNet
-from recon.sde import SDE, VESDE, _as_t, _bc, sde_from_config
+from recon.sde import SDE, _as_t, _bc, sde_from_config
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 
@@ -84,11 +84,14 @@ class Prior(nn.Module):
 
     def score(self, x: torch.Tensor, t, sde: SDE | None = None) -> torch.Tensor:
         """grad_x log p_t(x) under ``sde`` (default: the prior's own SDE)."""
-        sde = sde or self.sde
-        t = _as_t(t, x)
-        s, sigma = sde.scale_sigma(t)
-        sb, stdb = _bc(s, x), _bc(s * sigma, x)
-        return (sb * self.denoise(x / sb, sigma) - x) / stdb**2
+        return tweedie_score(self.denoise, x, _as_t(t, x), sde or self.sde)
+
+
+def tweedie_score(denoise, x: torch.Tensor, t: torch.Tensor, sde: SDE) -> torch.Tensor:
+    """Score of p_t from a denoiser ``denoise(u, sigma)`` (Tweedie), for x_t = s (x0 + sigma z)."""
+    s, sigma = sde.scale_sigma(t)
+    sb, stdb = _bc(s, x), _bc(s * sigma, x)
+    return (sb * denoise(x / sb, sigma) - x) / stdb**2
 
 
 def build_prior(meta: dict) -> Prior:

@@ -22,12 +22,11 @@ Implemented:
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 
 from recon.errors import ReconError
-from recon.sde import SDE, _as_t
+from recon.sde import SDE
 
 
 # ---------------------------------------------------------------------------

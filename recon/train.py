@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from recon.errors import ReconError
 from recon.networks import UNet
 from recon.preprocess import CT_WINDOW, normalise, square_resize
-from recon.prior import EDMDenoiser, Prior, load_prior, save_prior, resolve_prior_path
+from recon.prior import EDMDenoiser, Prior, save_prior, tweedie_score
 from recon.sde import SDE, VESDE, _bc, sde_from_config
 
 
@@ -70,11 +70,7 @@ def dsm_loss(score_fn, x0, sde: SDE, generator=None, eps=1e-5, likelihood_weight
 
 def _denoiser_score_fn(denoiser, sde: SDE, coords=None):
     """Score of the noisy marginal from an EDM denoiser (Tweedie), for any SDE."""
-    def score(x, t):
-        s, sigma = sde.scale_sigma(t)
-        sb, stdb = _bc(s, x), _bc(s * sigma, x)
-        return (sb * denoiser(x / sb, sigma, coords) - x) / stdb**2
-    return score
+    return lambda x, t: tweedie_score(lambda u, sigma: denoiser(u, sigma, coords), x, t, sde)
 
 
 def training_loss(objective: str, denoiser, x0, generator, coords=None, sigma_data=0.5, sde: SDE | None = None):

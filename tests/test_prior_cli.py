@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from recon.cli import main
 from tests.test_cli import _phantom, _tiny_prior_file

@@ -12,7 +12,6 @@ from torch import nn
 
 from recon.networks import UNet
 from recon.prior import EDMDenoiser
-from recon.sde import VESDE
 from recon.train import TrainConfig, augment, edm_loss, random_patches, split_by_patient, ssm_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +61,12 @@ def test_ssm_loss_minimised_by_true_score():
     assert float(true.detach()) == pytest.approx(-1.0, abs=0.1)  # E[-tr I + |x|^2 / 2] = -2 + 1
 
 
+def _discs():
+    """Three 16x16 disc images, (3, 1, 16, 16)."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
+    return torch.stack([((xx - c) ** 2 + yy**2 < 0.3).float() for c in (-0.3, 0.0, 0.3)])[:, None]
+
+
 def _tiny_denoiser():
     torch.manual_seed(0)
     return EDMDenoiser(UNet(base=8, mults=(1, 2), n_res=1))
@@ -69,8 +74,7 @@ def _tiny_denoiser():
 
 def test_edm_loss_decreases_on_tiny_image_set():
     g = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
-    imgs = torch.stack([((xx - c) ** 2 + yy**2 < 0.3).float() for c in (-0.3, 0.0, 0.3)])[:, None]
+    imgs = _discs()
     model = _tiny_denoiser()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
 
@@ -158,8 +162,7 @@ def test_alternative_objectives_decrease_loss(objective):
     from recon.train import training_loss
 
     g = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
-    imgs = torch.stack([((xx - c) ** 2 + yy**2 < 0.3).float() for c in (-0.3, 0.0, 0.3)])[:, None]
+    imgs = _discs()
     model = _tiny_denoiser()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
 
