@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import math
+
 import torch
 from torch import nn
 
@@ -147,42 +149,80 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return p.reshape(p.shape[0], -1).sum(1)
 
 
-@torch.no_grad()
-def cgls(op: LinearOperator, z: torch.Tensor, n_iter: int = 50,
-         x0: torch.Tensor | None = None, tol: float = 0.0) -> torch.Tensor:
-    """Least squares ``argmin_x ||op(x) - z||`` by CGLS (CG on the normal equations).
+_COMPLEX_OF = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128}
 
-    Batched: every item has its own step sizes.  ``x0`` warm-starts.  Stops early
-    when every item's normal-equation residual fell below ``tol`` times its start.
+
+@torch.no_grad()
+def cgls(op: LinearOperator, z: torch.Tensor, n_iter: int = 50, x0: torch.Tensor | None = None,
+         tol: float = 0.0, damp: float = 0.0, x_ref: torch.Tensor | None = None, real: bool = False,
+         callback=None) -> torch.Tensor:
+    """``argmin_x ||op(x) - z||^2 + damp^2 ||x - x_ref||^2`` by CGLS (CG on the normal equations).
+
+    The one conjugate-gradient solver of the project: ``T.inverse`` of CT and
+    SENSE, the ``cgls`` baseline and the data step of the fast sampler use it.
+
+    Batched: every item has its own step sizes and stops moving once its
+    normal-equation residual ``||A^H (z - A x) - damp^2 (x - x_ref)||`` fell
+    below ``tol`` times its start (so round-off never walks a converged item
+    along the operator's null space).  ``x0`` warm-starts (default zeros);
+    ``x_ref`` defaults to zeros (``damp`` follows scipy ``lsqr``).  With
+    ``real`` the unknown is a real image even when the operator takes complex
+    input: it is cast to complex for ``A`` and the adjoint's real part is used.
+    ``callback(i, x)`` runs after every iteration.
     """
     check_tensor(z, op.out_shape, f"{type(op).__name__}.inverse input")
     if n_iter < 0:
         raise ValueError(f"n_iter must be >= 0, got {n_iter}")
+    if damp < 0 or not math.isfinite(damp):
+        raise ValueError(f"damp must be a nonnegative finite number, got {damp}")
+    cast = real and op.is_complex_input
+
+    def fwd(v):
+        return op._apply(v.to(_COMPLEX_OF[v.dtype]) if cast else v)
+
+    def adj(r):
+        out = op._adjoint(r)
+        return out.real if real and out.is_complex() else out
+
+    d2 = float(damp) ** 2
     if x0 is None:
-        x = torch.zeros_like(op._adjoint(z))
+        x = torch.zeros_like(adj(z))
         r = z.clone()
     else:
         check_tensor(x0, op.in_shape, "x0")
         x = x0.clone()
-        r = z - op._apply(x)
-    s = op._adjoint(r)
+        r = z - fwd(x)
+    if d2 and x_ref is not None:
+        check_tensor(x_ref, op.in_shape, "x_ref")
+
+    def normal_residual(r, x):
+        s = adj(r)
+        if d2:
+            s = s - d2 * (x - x_ref if x_ref is not None else x)
+        return s
+
+    s = normal_residual(r, x)
     p = s.clone()
     gamma = _inner(s, s)
-    gamma0 = gamma.clone()
+    stop = (tol ** 2) * gamma
     shape = (-1,) + (1,) * (x.dim() - 1)
-    for _ in range(n_iter):
-        if bool((gamma <= (tol ** 2) * gamma0).all()):
+    for i in range(int(n_iter)):
+        active = gamma > stop
+        if not bool(active.any()):
             break
-        q = op._apply(p)
-        qq = _inner(q, q)
-        alpha = torch.where(qq > 0, gamma / qq.clamp_min(torch.finfo(qq.dtype).tiny), torch.zeros_like(qq))
-        x = x + alpha.view(shape) * p
-        r = r - alpha.view((-1,) + (1,) * (q.dim() - 1)) * q
-        s = op._adjoint(r)
+        q = fwd(p)
+        delta = _inner(q, q) + (d2 * _inner(p, p) if d2 else 0)
+        ok = active & (delta > 0)
+        alpha = torch.where(ok, gamma / torch.where(ok, delta, torch.ones_like(delta)), torch.zeros_like(delta))
+        x = x + alpha.view(shape).to(x.dtype) * p
+        r = r - alpha.view((-1,) + (1,) * (q.dim() - 1)).to(r.dtype) * q
+        s = normal_residual(r, x)
         gamma_new = _inner(s, s)
-        beta = torch.where(gamma > 0, gamma_new / gamma.clamp_min(torch.finfo(gamma.dtype).tiny), torch.zeros_like(gamma))
-        p = s + beta.view(shape) * p
-        gamma = gamma_new
+        beta = torch.where(ok, gamma_new / torch.where(ok, gamma, torch.ones_like(gamma)), torch.zeros_like(gamma))
+        p = s + beta.view(shape).to(p.dtype) * p
+        gamma = torch.where(ok, gamma_new, torch.zeros_like(gamma))
+        if callback is not None:
+            callback(i, x)
     return x
 
 

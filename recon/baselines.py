@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from forward_models.base import Identity, LinearOperator, check_tensor
+from forward_models.base import Identity, LinearOperator, cgls, check_tensor
 from recon.errors import ReconError
 
 __all__ = [
@@ -794,34 +794,8 @@ def cg_least_squares(y: torch.Tensor, op: LinearOperator, n_iter: int = 50,
     _check_inputs(y, op, "cgls")
     if damp < 0 or not math.isfinite(damp):
         raise ValueError(f"cgls: damp must be a nonnegative finite number, got {damp}")
-    real = not op.is_complex_input
-    d2 = float(damp) ** 2
-    with torch.no_grad():
-        x = _check_x0(x0, op, y, "cgls")
-        if x is None:
-            x = torch.zeros((y.shape[0], *op.in_shape), dtype=_image_dtype(y, op), device=y.device)
-        r = y - _fwd(op, x, y)
-        s = _adj(op, r, real) - d2 * x
-        p = s.clone()
-        gamma = _batch_dot(s, s)
-        gamma0 = gamma.clone()
-        for i in range(int(n_iter)):
-            active = gamma > (tol ** 2) * gamma0
-            if not bool(active.any()):
-                break
-            q = _fwd(op, p, y)
-            delta = _batch_dot(q, q) + d2 * _batch_dot(p, p)
-            ok = active & (delta > 0)
-            alpha = torch.where(ok, gamma / torch.where(ok, delta, torch.ones_like(delta)),
-                                torch.zeros_like(delta))
-            x = x + _bshape(alpha, x).to(x.dtype) * p
-            r = r - _bshape(alpha, r).to(r.dtype) * q
-            s = _adj(op, r, real) - d2 * x
-            gamma_new = _batch_dot(s, s)
-            beta = torch.where(ok, gamma_new / torch.where(ok, gamma, torch.ones_like(gamma)),
-                               torch.zeros_like(gamma))
-            p = s + _bshape(beta, p).to(p.dtype) * p
-            gamma = torch.where(ok, gamma_new, torch.zeros_like(gamma))
-            if callback is not None:
-                callback(i, x)
-    return x
+    x = _check_x0(x0, op, y, "cgls")
+    if x is None:
+        x = torch.zeros((y.shape[0], *op.in_shape), dtype=_image_dtype(y, op), device=y.device)
+    return cgls(op, y, n_iter=int(n_iter), x0=x, tol=tol, damp=float(damp),
+                real=not op.is_complex_input, callback=callback)

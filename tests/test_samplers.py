@@ -129,6 +129,22 @@ def test_cg_data_step_stable_on_projection_operator():
     assert (op.A(b.to(torch.complex64)) - y).abs().norm() < 1e-3 * y.abs().norm()
 
 
+def test_cg_data_step_damped_toward_x0_matches_closed_form():
+    """Inpainting is diagonal: argmin ||m x - y||^2 + d ||x - x0||^2 = (m y + d x0) / (m + d) per pixel."""
+    from recon.samplers import cg_data_step
+
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(16, 16, generator=g) > 0.5).double()
+    op = MaskOp(mask)
+    x = torch.rand(2, 16, 16, generator=g, dtype=torch.float64)
+    y = op.A(x)
+    x0 = torch.rand(2, 16, 16, generator=g, dtype=torch.float64)
+    d = 0.3
+    out = cg_data_step(op, y, x0, n_iter=20, damp=d)
+    ref = (mask * op.AH(y) + d * x0) / (mask + d)
+    assert (out - ref).abs().max() < 1e-10
+
+
 def test_euler_maruyama_predictor_matches_prior_moments():
     prior, mean, cov = correlated_gaussian()
     g = torch.Generator().manual_seed(4)
