@@ -21,7 +21,7 @@ Reconstruction commands (task setup in :mod:`recon.tasks`, the loops in
              [--strokes N] --method NAME --out DIR
     recon compare ct|mri|inpaint (--data DIR | --manifest FILE) --methods m1,m2 [task options]
              [--slices middle|all] [--max-cases N] [--shard i/n] --out DIR
-    recon demo [--out DIR] [--methods fbp,tv,score-fast]
+    recon demo [--out DIR] [--methods fbp,tv,score,score-fast]
     recon methods
 """
 from __future__ import annotations
@@ -379,11 +379,12 @@ def run_compare(args):
 
 
 def add_demo(sub):
-    p = sub.add_parser("demo", help="the README example: CT_small.dcm, 23 views, fbp vs tv (vs score-fast)",
+    p = sub.add_parser("demo", help="the README example: CT_small.dcm, 23 views, fbp vs tv vs score",
                        description="Reconstruct pydicom's CT_small.dcm (128x128 real CT) from 23 noise-free "
                                    "parallel-beam views with FBP, TV and (if the 'ct' prior is shipped) "
-                                   "score-fast; writes demo.png, metrics.md, metrics.csv and prints the table.")
-    p.add_argument("--methods", default="fbp,tv,score-fast", metavar="M1,M2,...")
+                                   "score (predictor-corrector, Song et al. 2022) and score-fast; writes "
+                                   "demo.png, metrics.md, metrics.csv and prints the table.")
+    p.add_argument("--methods", default="fbp,tv,score,score-fast", metavar="M1,M2,...")
     p.add_argument("--views", type=int, default=23, help=argparse.SUPPRESS)
     common_options(p, out_required=False)
     p.set_defaults(out="recon-demo")

@@ -1122,7 +1122,7 @@ def run_demo(args, log) -> int:
 
     task = TASKS["ct"]
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "score-fast" in names or any(n in ("score", "dps") for n in names):
+    if any(n in ("score", "score-fast", "dps") for n in names):
         try:
             resolve_prior_path("ct")
         except ReconError:

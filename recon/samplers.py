@@ -248,12 +248,15 @@ def dps_sample(y, op, prior, *, n_steps: int = 500, zeta: float = 1.0, sigma_max
 # ---------------------------------------------------------------------------
 def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_max: float = 3.0,
                sigma_min: float = 0.002, rho: float = 7.0, eta: float = 1.0, sigma_y: float = 0.0,
-               clip=(0.0, 1.0), generator=None, callback=None):
+               final_cg_iters: int | None = None, clip=(0.0, 1.0), generator=None, callback=None):
     """One network evaluation per level: x0 = D(x, sigma); x0 <- CG on ||A x - y||^2
     (damped toward D's estimate when the data are noisy); x <- x0 + sigma_next noise.
 
     ``eta`` = 1 re-noises with fresh noise (measured best); < 1 keeps part of the
-    previous direction (DDIM-like).
+    previous direction (DDIM-like).  ``final_cg_iters`` (default ``cg_iters``) sets the
+    CG iterations of the last level, after which nothing is re-noised: with noise-free
+    data more iterations there enforce the measurement (lam = 1 at the end, as in Song
+    et al. 2022); with noisy data the last step stays damped toward the prior's estimate.
     """
     sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist() + [0.0]
     shape = (y.shape[0], *op.in_shape)
@@ -265,7 +268,9 @@ def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_ma
         check_finite(x0_prior, i, s, where="network output")
         # damping: trust the prior's estimate in proportion to the measurement noise
         damp = (sigma_y / max(s, 1e-3)) ** 2 if sigma_y > 0 else 0.0
-        x0 = cg_data_step(op, y, x0_prior, n_iter=cg_iters, damp=damp)
+        last = s_next == 0
+        n_cg = final_cg_iters if last and final_cg_iters is not None else cg_iters
+        x0 = cg_data_step(op, y, x0_prior, n_iter=n_cg, damp=damp)
         if clip is not None:
             x0 = x0.clamp(*clip)
         if s_next > 0:

@@ -76,17 +76,20 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
 
 
 def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int | None = None,
-               sigma_max: float | None = None, eta: float | None = None, sigma_y: float = 0.0, seed: int = 0,
-               generator=None, callback=None):
+               final_cg_iters: int | None = None, sigma_max: float | None = None, eta: float | None = None,
+               sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None):
     """Fast solver: Tweedie + CG + re-noising (DDS-style), n_steps network evaluations."""
     p = _prior(prior, y.device)
     _check_2d(op)
-    d = {"n_steps": 100, "cg_iters": 10, "sigma_max": 3.0, "eta": 1.0, **_defaults(p, "score-fast", op)}
-    for k, v in dict(n_steps=n_steps, cg_iters=cg_iters, sigma_max=sigma_max, eta=eta).items():
+    d = {"n_steps": 100, "cg_iters": 10, "final_cg_iters": None, "sigma_max": 3.0, "eta": 1.0,
+         **_defaults(p, "score-fast", op)}
+    for k, v in dict(n_steps=n_steps, cg_iters=cg_iters, final_cg_iters=final_cg_iters, sigma_max=sigma_max,
+                     eta=eta).items():
         if v is not None:
             d[k] = v
     with torch.no_grad():
         return dds_sample(y, op, p, n_steps=int(d["n_steps"]), cg_iters=int(d["cg_iters"]),
+                          final_cg_iters=None if d["final_cg_iters"] is None else int(d["final_cg_iters"]),
                           sigma_max=float(d["sigma_max"]), eta=float(d["eta"]), sigma_y=sigma_y,
                           generator=_generator(y, seed, generator), callback=callback)
 

@@ -386,10 +386,10 @@ def test_demo_skips_unshipped_prior(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(recon.prior, "PRETRAINED_DIR", tmp_path / "no-weights")
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--methods", "fbp,score-fast", "--device", "cpu"])
+    rc = main(["demo", "--out", str(out), "--methods", "fbp,score,score-fast", "--device", "cpu"])
     cap = capsys.readouterr()
     assert rc == 0
-    assert "not shipped" in cap.err and "score-fast" in cap.err
+    assert "not shipped" in cap.err and "skipping score, score-fast" in cap.err
     assert "| fbp |" in cap.out
     assert {p.name for p in out.iterdir()} == {"demo.png", "metrics.md", "metrics.csv"}
     rows = list(csv.reader(open(out / "metrics.csv")))

@@ -61,6 +61,23 @@ def test_dds_and_dps_approach_posterior_mean():
     assert (x.mean(0) - post).abs().max() < 0.1
 
 
+def test_dds_final_cg_iterations_enforce_noise_free_data():
+    """More CG iterations at the last level (nothing re-noised after it) fit the data more closely."""
+    from forward_models import ParallelBeamCT, views
+
+    prior, _, _ = correlated_gaussian(8, 8)
+    op = ParallelBeamCT(8, views(4))
+    g = torch.Generator().manual_seed(5)
+    x = 0.5 + 0.1 * torch.randn(1, 8, 8, generator=g, dtype=torch.float64)
+    y = op.A(x)
+    res = []
+    for k in (1, 100):
+        out = dds_sample(y, op, prior, n_steps=20, cg_iters=1, final_cg_iters=k, clip=None,
+                         generator=torch.Generator().manual_seed(1))
+        res.append(float((op.A(out) - y).norm() / y.norm()))
+    assert res[1] < 1e-6 < res[0]
+
+
 def test_unconditional_samplers_match_prior_moments():
     prior, mean, cov = correlated_gaussian()
     g = torch.Generator().manual_seed(3)
