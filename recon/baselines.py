@@ -121,17 +121,6 @@ def _fwd(op: LinearOperator, x: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return out
 
 
-def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Re <a, b> per batch item, shape (B,)."""
-    if a.is_complex() or b.is_complex():
-        return (a.conj() * b).real.flatten(1).sum(1)
-    return (a * b).flatten(1).sum(1)
-
-
-def _bshape(v: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return v.reshape((-1,) + (1,) * (ref.dim() - 1))
-
-
 def _check_x0(x0, op, y, method) -> Optional[torch.Tensor]:
     if x0 is None:
         return None
