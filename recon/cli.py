@@ -244,6 +244,10 @@ def _method_options(p, multi: bool = False):
         g.add_argument("--samples", type=int, default=1, metavar="K",
                        help="posterior samples for score methods: the mean is the reconstruction and "
                             "std.png/std.npy their per-pixel std (default 1)")
+    else:
+        g.add_argument("--samples", type=int, default=1, metavar="K",
+                       help="posterior samples per case for the score methods (score, score-fast, dps): "
+                            "their mean is scored; other methods run once (default 1)")
 
 
 def _input_options(p, positional: bool = True, required: bool = True):

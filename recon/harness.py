@@ -955,6 +955,7 @@ class Comparison:
         for run in self.runs:
             try:
                 img, _, seconds, _ = run_method(run, meas, prior=prior, seed=args.seed,
+                                                samples=getattr(args, "samples", 1) if run.score else 1,
                                                 progress=self.progress)
                 m = compute_metrics(img, truth.x)
             except Exception as e:  # noqa: BLE001 - a failing method must not stop the comparison
@@ -992,6 +993,8 @@ def run_compare(args, log) -> int:
     shard = parse_shard(args.shard)
     if args.max_cases is not None and args.max_cases < 1:
         raise ReconError(f"--max-cases must be >= 1, got {args.max_cases}")
+    if args.samples < 1:
+        raise ReconError(f"--samples must be >= 1, got {args.samples}")
     if bool(args.manifest) == bool(args.data):
         raise ReconError("give exactly one of --data DIR or --manifest FILE")
     device = resolve_device(args.device)
@@ -1098,7 +1101,10 @@ def summary_markdown(task, args, rows, names, n_cases, failures) -> str:
     settings = {"task": task.name, "methods": ",".join(names), "seed": args.seed,
                 "size": args.size or "native (prior's image size for score methods)",
                 "slices": getattr(args, "slices", None), "prior": getattr(args, "prior", None),
-                "param": " ".join(args.param or []) or None, **task.acquisition(args)}
+                "param": " ".join(args.param or []) or None,
+                "samples": (f"{args.samples} per case for score methods (their mean is scored)"
+                            if getattr(args, "samples", 1) > 1 else None),
+                **task.acquisition(args)}
     lines = [f"# recon compare {task.name}", "",
              f"Cases: {n_cases} ({len({r['case'] for r in rows})} with results). "
              "Mean ± sample std over cases; metrics on the [0, 1] scale (data_range 1), "

@@ -323,6 +323,24 @@ def test_compare_mri_and_inpaint_with_score_prior_size(png_folder, tmp_path, cap
     assert len(list(csv.reader(open(tmp_path / "inp" / "metrics.csv")))) == 3
 
 
+def test_compare_samples_scores_the_posterior_mean_of_score_methods_only(png_folder, tmp_path, capsys):
+    prior = _tiny_prior_file(tmp_path, modality="mri")
+    psnr = {}
+    for k in (1, 3):
+        out = tmp_path / f"k{k}"
+        rc, _ = _run(["compare", "mri", "--data", png_folder, "--methods", "zero-filled,score-fast",
+                      "--prior", prior, "--param", "score-fast.n_steps=3", "--mask", "equispaced", "--accel", 2,
+                      "--max-cases", 1, "--samples", k, "--out", out], capsys)
+        assert rc == 0
+        psnr[k] = {r[1]: float(r[2]) for r in list(csv.reader(open(out / "metrics.csv")))[1:]}
+    assert psnr[1]["zero-filled"] == psnr[3]["zero-filled"]  # deterministic methods run once
+    assert psnr[1]["score-fast"] != psnr[3]["score-fast"]
+    assert "samples: 3 per case" in (tmp_path / "k3" / "summary.md").read_text()
+    rc, err = _run(["compare", "mri", "--data", png_folder, "--methods", "zero-filled", "--samples", 0,
+                    "--out", tmp_path / "k0"], capsys)
+    assert rc == 2 and "--samples must be >= 1" in err
+
+
 def test_manifest_shards_and_skip_done(png_folder, phantom, tmp_path, capsys):
     manifest = tmp_path / "cases.txt"
     manifest.write_text(f"# inputs\n{png_folder / 'a.png'}\n\n{png_folder / 'b.png'}\n{phantom}  # phantom\n")
