@@ -94,17 +94,29 @@ def add_train(sub):
     return p
 
 
+def _numbers(text: str, option: str, kind=float, count: int | None = None) -> tuple:
+    """Comma-separated numbers of an option, or one clear error naming the option."""
+    try:
+        values = tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count):
+        what = f"{count} comma-separated" if count else "comma-separated"
+        raise ReconError(f"{option} takes {what} {kind.__name__} values, got {text!r}")
+    return values
+
+
 def run_train(args):
     from recon.train import TrainConfig, train
 
-    window = tuple(float(v) for v in args.window.split(","))
+    full_p_mean, full_p_std = _numbers(args.full_noise, "--full-noise", count=2)
     cfg = TrainConfig(data=args.data, modality=args.modality, out=args.out, size=args.size, patch=args.patch,
                       steps=args.steps, batch=args.batch, lr=args.lr, base=args.base,
-                      mults=tuple(int(m) for m in args.mults.split(",")), seed=args.seed, resume=args.resume,
-                      minutes=args.minutes, window=window, max_images=args.max_images,
-                      checkpoint_every=args.checkpoint_every, progress=progress_enabled(args),
-                      objective=args.objective, full_every=args.full_every,
-                      full_p_mean=float(args.full_noise.split(",")[0]), full_p_std=float(args.full_noise.split(",")[1]))
+                      mults=_numbers(args.mults, "--mults", int), seed=args.seed, resume=args.resume,
+                      minutes=args.minutes, window=_numbers(args.window, "--window", count=2),
+                      max_images=args.max_images, checkpoint_every=args.checkpoint_every,
+                      progress=progress_enabled(args), objective=args.objective, full_every=args.full_every,
+                      full_p_mean=full_p_mean, full_p_std=full_p_std)
     out = train(cfg, log=lambda m: log(args, m))
     log(args, f"wrote {out}")
 

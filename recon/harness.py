@@ -955,7 +955,7 @@ class Comparison:
         for run in self.runs:
             try:
                 img, _, seconds, _ = run_method(run, meas, prior=prior, seed=args.seed,
-                                                samples=getattr(args, "samples", 1) if run.score else 1,
+                                                samples=args.samples if run.score else 1,
                                                 progress=self.progress)
                 m = compute_metrics(img, truth.x)
             except Exception as e:  # noqa: BLE001 - a failing method must not stop the comparison
@@ -1103,7 +1103,7 @@ def summary_markdown(task, args, rows, names, n_cases, failures) -> str:
                 "slices": getattr(args, "slices", None), "prior": getattr(args, "prior", None),
                 "param": " ".join(args.param or []) or None,
                 "samples": (f"{args.samples} per case for score methods (their mean is scored)"
-                            if getattr(args, "samples", 1) > 1 else None),
+                            if args.samples > 1 else None),
                 **task.acquisition(args)}
     lines = [f"# recon compare {task.name}", "",
              f"Cases: {n_cases} ({len({r['case'] for r in rows})} with results). "
@@ -1144,7 +1144,7 @@ def run_demo(args, log) -> int:
     acq = p.parse_args(["--views", str(args.views)])
     for k, v in vars(acq).items():
         setattr(args, k, v)
-    args.param, args.prior, args.size, args.task = [], None, None, "ct"
+    args.param, args.prior, args.size, args.task, args.samples = [], None, None, "ct", 1
     runs = plan_methods(names, task, {})
     device = resolve_device(args.device)
     path = get_testdata_file("CT_small.dcm")

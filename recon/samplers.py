@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from forward_models.base import cgls
+from forward_models.base import _COMPLEX_OF, cgls
 from recon.errors import ReconError
 from recon.sde import SDE
 
@@ -54,7 +54,7 @@ def _randn(x, generator):
 
 
 def _as_measurement(op, x):
-    return op.A(x.to(torch.complex64 if x.dtype == torch.float32 else torch.complex128)) if op.is_complex_input else op.A(x)
+    return op.A(x.to(_COMPLEX_OF[x.dtype])) if op.is_complex_input else op.A(x)
 
 
 def cg_data_step(op, y, x0, n_iter: int = 10, damp: float = 0.0):

@@ -88,6 +88,14 @@ def test_every_subcommand_help_exits_zero(cmd, capsys):
     assert "usage: recon" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("option,value", [("--full-noise", "0.5"), ("--full-noise", "a,1"), ("--mults", "1,x"),
+                                          ("--window", "-1000")])
+def test_train_number_list_options_are_validated(option, value, tmp_path, capsys):
+    rc, err = _run(["train", "--data", tmp_path, "--modality", "ct", "--out", tmp_path / "p.safetensors",
+                    option, value], capsys)
+    assert rc == 2 and f"{option} takes" in err and repr(value) in err
+
+
 def test_console_script_help_and_exit_status(tmp_path):
     out = subprocess.run([sys.executable, "-m", "recon.cli", "ct", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--views" in out.stdout and "--photons" in out.stdout
