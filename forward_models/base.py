@@ -49,22 +49,16 @@ def check_tensor(x: torch.Tensor, shape: tuple, name: str = "input") -> None:
 class LinearOperator(nn.Module):
     """A linear map from ``(B, *in_shape)`` to ``(B, *out_shape)``.
 
-    Subclasses implement ``_apply`` and ``_adjoint`` on validated tensors.
+    Subclasses implement ``_forward`` and ``_adjoint`` on validated tensors
+    (not ``_apply``: that is ``nn.Module``'s hook behind ``.to()``/``.cuda()``).
 
-    ``nn.Module`` also calls ``self._apply(fn)`` from ``.to()``, ``.cuda()``,
-    ``.double()`` …; ``__init_subclass__`` moves a subclass's ``_apply`` to
-    ``_apply_op`` and installs a dispatcher, so both uses keep working.
+    ``modality`` names the kind of measurement (``'ct'``, ``'mri'``,
+    ``'inpaint'``) for operators that are one; see :func:`operator_kind`.
     """
 
     in_shape: tuple = ()
     out_shape: tuple = ()
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        impl = cls.__dict__.get("_apply")
-        if impl is not None and impl is not LinearOperator._apply:
-            cls._apply_op = impl
-            cls._apply = LinearOperator._apply
+    modality: str | None = None
 
     def __init__(self, in_shape, out_shape):
         super().__init__()
@@ -72,13 +66,8 @@ class LinearOperator(nn.Module):
         self.out_shape = tuple(int(s) for s in out_shape)
 
     # --- to be implemented -------------------------------------------------
-    def _apply(self, x, *args, **kwargs):
-        if isinstance(x, torch.Tensor):
-            return self._apply_op(x)
-        return nn.Module._apply(self, x, *args, **kwargs)  # .to(), .cuda(), ...
-
-    def _apply_op(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement _forward(x) (the forward map)")
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -86,7 +75,7 @@ class LinearOperator(nn.Module):
     # --- public API ----------------------------------------------------------
     def A(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor(x, self.in_shape, f"{type(self).__name__} input")
-        return self._apply(x)
+        return self._forward(x)
 
     def AH(self, y: torch.Tensor) -> torch.Tensor:
         check_tensor(y, self.out_shape, f"{type(self).__name__} adjoint input")
@@ -109,7 +98,7 @@ class LinearOperator(nn.Module):
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """AᴴA x."""
-        return self._adjoint(self._apply(x))
+        return self._adjoint(self._forward(x))
 
     def decompose(self) -> "Decomposition":
         raise NotImplementedError(
@@ -149,7 +138,30 @@ def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return p.reshape(p.shape[0], -1).sum(1)
 
 
-_COMPLEX_OF = {torch.float16: torch.complex32, torch.float32: torch.complex64, torch.float64: torch.complex128}
+# bfloat16 has no complex counterpart: it maps to complex64.
+_COMPLEX_DTYPES = {torch.float16: torch.complex32, torch.bfloat16: torch.complex64,
+                   torch.float32: torch.complex64, torch.float64: torch.complex128}
+_REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32,
+                torch.complex128: torch.float64}
+
+
+def complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The complex dtype of a real floating ``dtype`` (complex dtypes pass through).
+
+    float16 -> complex32, float32 -> complex64, float64 -> complex128;
+    bfloat16, which has no complex counterpart, -> complex64.
+    """
+    if dtype.is_complex:
+        return dtype
+    try:
+        return _COMPLEX_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"no complex dtype for {dtype}; expected a floating dtype") from None
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of a complex ``dtype`` (complex64 -> float32, ...); real dtypes pass through."""
+    return _REAL_DTYPES[dtype] if dtype.is_complex else dtype
 
 
 @torch.no_grad()
@@ -178,7 +190,7 @@ def cgls(op: LinearOperator, z: torch.Tensor, n_iter: int = 50, x0: torch.Tensor
     cast = real and op.is_complex_input
 
     def fwd(v):
-        return op._apply(v.to(_COMPLEX_OF[v.dtype]) if cast else v)
+        return op._forward(v.to(complex_dtype(v.dtype)) if cast else v)
 
     def adj(r):
         out = op._adjoint(r)
@@ -240,11 +252,11 @@ class Adjoint(LinearOperator):
         self.is_complex_input = op.is_complex_output
         self.is_complex_output = op.is_complex_input
 
-    def _apply(self, x):
+    def _forward(self, x):
         return self.op._adjoint(x)
 
     def _adjoint(self, y):
-        return self.op._apply(y)
+        return self.op._forward(y)
 
     @property
     def H(self):
@@ -265,8 +277,8 @@ class Compose(LinearOperator):
         self.is_complex_input = inner.is_complex_input
         self.is_complex_output = outer.is_complex_output
 
-    def _apply(self, x):
-        return self.outer._apply(self.inner._apply(x))
+    def _forward(self, x):
+        return self.outer._forward(self.inner._forward(x))
 
     def _adjoint(self, y):
         return self.inner._adjoint(self.outer._adjoint(y))
@@ -281,8 +293,8 @@ class Scaled(LinearOperator):
         self.is_complex_input = op.is_complex_input
         self.is_complex_output = op.is_complex_output
 
-    def _apply(self, x):
-        return self.scale * self.op._apply(x)
+    def _forward(self, x):
+        return self.scale * self.op._forward(x)
 
     def _adjoint(self, y):
         return self.scale * self.op._adjoint(y)
@@ -292,7 +304,7 @@ class Identity(LinearOperator):
     def __init__(self, shape):
         super().__init__(shape, shape)
 
-    def _apply(self, x):
+    def _forward(self, x):
         return x
 
     def _adjoint(self, y):

@@ -82,7 +82,7 @@ from torch import nn
 from .base import Decomposition, LinearOperator, cgls, check_tensor
 
 __all__ = [
-    "ParallelBeamCT", "FanBeamCT", "views", "joseph_entries", "cache_dir",
+    "ParallelBeamCT", "FanBeamCT", "view_angles", "joseph_entries", "cache_dir",
     "DEFAULT_MEMORY_BUDGET",
 ]
 
@@ -91,7 +91,7 @@ _MATRIX_FORMAT = 2  # bump when the weights change, invalidates disk caches
 _CHUNK_ENTRIES = 1 << 21  # candidate entries per chunk while generating weights
 
 
-def views(n: int, arc_deg: float = 180.0, start_deg: float = 0.0) -> torch.Tensor:
+def view_angles(n: int, arc_deg: float = 180.0, start_deg: float = 0.0) -> torch.Tensor:
     """``n`` equally spaced view angles in radians over ``[start, start + arc)``."""
     if int(n) < 1:
         raise ValueError(f"need at least one view, got n={n}")
@@ -698,6 +698,7 @@ def _full_view_set(measured: np.ndarray, full_views: int, arc: float):
 class _CT(LinearOperator):
     """Shared machinery of the CT operators (backend, inverse, decompose)."""
 
+    modality = "ct"
     _full_arc = math.pi
     _default_full_views = 180
 
@@ -740,7 +741,7 @@ class _CT(LinearOperator):
             return t
         return t.float()
 
-    def _apply(self, x):
+    def _forward(self, x):
         xin = self._check_real(x)
         y = self.projector(xin.reshape(x.shape[0], -1))
         return y.reshape(x.shape[0], *self.out_shape).to(x.dtype if x.is_floating_point() else y.dtype)

@@ -16,6 +16,8 @@ class Inpainting(LinearOperator):
     the output has the input's dtype.
     """
 
+    modality = "inpaint"
+
     def __init__(self, mask, shape=None):
         m = torch.as_tensor(getattr(mask, "mask", mask))
         if m.is_complex() or m.dim() != 2:
@@ -30,12 +32,12 @@ class Inpainting(LinearOperator):
         super().__init__(m.shape, m.shape)
         self.register_buffer("mask", m.contiguous())
 
-    def _apply(self, x):
+    def _forward(self, x):
         real = x.real.dtype if x.is_complex() else x.dtype
         return x * self.mask.to(device=x.device, dtype=real)
 
     def _adjoint(self, y):
-        return self._apply(y)
+        return self._forward(y)
 
     def decompose(self) -> Decomposition:
         """``T = Identity``, ``mask`` (H, W), ``embed`` = identity."""

@@ -60,6 +60,7 @@ def _check_shape(mask: torch.Tensor, shape, name="mask"):
 class FFT2c(LinearOperator):
     """Unitary centred 2D FFT ``(B, H, W) -> (B, H, W)`` complex; ``inverse = AH``."""
 
+    modality = "mri"
     is_complex_input = True
     is_complex_output = True
 
@@ -69,7 +70,7 @@ class FFT2c(LinearOperator):
             raise ValueError(f"shape must be (H, W) with positive sizes, got {shape}")
         super().__init__(shape, shape)
 
-    def _apply(self, x):
+    def _forward(self, x):
         return fft2c(_complex(x))
 
     def _adjoint(self, y):
@@ -88,6 +89,7 @@ class CartesianMRI(LinearOperator):
     raises ``ValueError``.
     """
 
+    modality = "mri"
     is_complex_input = True
     is_complex_output = True
 
@@ -104,7 +106,7 @@ class CartesianMRI(LinearOperator):
     def _mask(self, t):
         return self.mask.to(device=t.device, dtype=t.real.dtype)
 
-    def _apply(self, x):
+    def _forward(self, x):
         x = _complex(x)
         return self._mask(x) * fft2c(x)
 
@@ -124,6 +126,7 @@ class SenseMRI(LinearOperator):
     ``AH y = Σ_c conj(maps_c) · ifft2c(mask * y_c)``.
     """
 
+    modality = "mri"
     is_complex_input = True
     is_complex_output = True
 
@@ -143,7 +146,7 @@ class SenseMRI(LinearOperator):
         return (self.maps.to(device=t.device, dtype=t.dtype),
                 self.mask.to(device=t.device, dtype=t.real.dtype))
 
-    def _apply(self, x):
+    def _forward(self, x):
         x = _complex(x)
         maps, mask = self._cast(x)
         return mask * fft2c(maps * x[:, None])

@@ -57,7 +57,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from forward_models.base import Identity, LinearOperator, cgls, check_tensor
+from forward_models.base import LinearOperator, check_tensor, complex_dtype, real_dtype
+from forward_models.base import cgls as _cgls_solver
+from forward_models.kind import inpainting_mask  # re-exported: part of this module's API
 from recon.errors import ReconError
 
 __all__ = [
@@ -68,7 +70,7 @@ __all__ = [
     "sense_adjoint",
     "cs_wavelet",
     "biharmonic",
-    "cg_least_squares",
+    "cgls",
     "operator_norm",
     "inpainting_mask",
     "grad2d",
@@ -95,15 +97,12 @@ def _check_inputs(y, op, method: str) -> None:
 
 
 def _real_dtype(y: torch.Tensor) -> torch.dtype:
-    return y.real.dtype if y.is_complex() else y.dtype
+    return real_dtype(y.dtype)
 
 
 def _image_dtype(y: torch.Tensor, op: LinearOperator) -> torch.dtype:
     rd = _real_dtype(y)
-    if op.is_complex_input:
-        return {torch.float32: torch.complex64, torch.float64: torch.complex128,
-                torch.float16: torch.complex32, torch.bfloat16: torch.complex64}[rd]
-    return rd
+    return complex_dtype(rd) if op.is_complex_input else rd
 
 
 def _adj(op: LinearOperator, r: torch.Tensor, real: bool) -> torch.Tensor:
@@ -666,63 +665,6 @@ def cs_wavelet(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: i
 # ---------------------------------------------------------------------------
 # inpainting
 # ---------------------------------------------------------------------------
-def _is_ct_class(op) -> bool:
-    try:
-        from forward_models import ct as _ct  # type: ignore
-    except Exception:
-        return False
-    classes = tuple(c for c in (getattr(_ct, n, None) for n in ("_CT", "ParallelBeamCT", "FanBeamCT"))
-                    if isinstance(c, type))
-    return bool(classes) and isinstance(op, classes)
-
-
-def inpainting_mask(op: LinearOperator) -> Optional[torch.Tensor]:
-    """The 0/1 pixel mask of an inpainting operator (``A x = mask * x``), or
-    ``None`` when ``op`` is not one.
-
-    Only real operators with ``in_shape == out_shape`` qualify.  Then, in order:
-
-    1. an instance of ``forward_models.inpaint.Inpainting``: its ``mask``;
-    2. an operator with a tensor attribute ``mask`` for which ``A(1) == mask``
-       (broadcast to the image shape; checked with one cheap ``A`` call);
-    3. an operator whose ``decompose()`` returns ``T`` =
-       :class:`~forward_models.base.Identity`: ``decompose().mask``.  Not tried
-       for CT operators (their decomposition builds a dense-view projector).
-
-    Cartesian MRI (complex input, Fourier ``T``) is never an inpainting operator.
-    """
-    if getattr(op, "is_complex_input", False) or getattr(op, "is_complex_output", False):
-        return None
-    if tuple(op.in_shape) != tuple(op.out_shape):
-        return None
-    try:
-        from forward_models.inpaint import Inpainting  # type: ignore
-    except Exception:  # file not there yet, or broken
-        Inpainting = None
-    m = getattr(op, "mask", None)
-    if Inpainting is not None and isinstance(op, Inpainting) and isinstance(m, torch.Tensor):
-        return m
-    if isinstance(m, torch.Tensor) and not m.is_complex():
-        try:
-            with torch.no_grad():
-                ones = torch.ones((1, *op.in_shape), dtype=torch.float64, device=m.device)
-                a1 = op.A(ones)
-                target = torch.broadcast_to(m.to(a1.dtype), a1.shape)
-            if torch.equal(a1, target):
-                return m
-        except Exception:
-            pass
-    if _is_ct_class(op):
-        return None
-    try:
-        dec = op.decompose()
-    except Exception:  # NotImplementedError: no decomposition
-        return None
-    if isinstance(getattr(dec, "T", None), Identity) and isinstance(getattr(dec, "mask", None), torch.Tensor):
-        return dec.mask
-    return None
-
-
 def biharmonic(y: torch.Tensor, op: LinearOperator, callback: Callback = None) -> torch.Tensor:
     """Biharmonic inpainting (``skimage.restoration.inpaint_biharmonic``) of
     each batch item and each leading (channel) slice, on CPU numpy.
@@ -769,10 +711,12 @@ def biharmonic(y: torch.Tensor, op: LinearOperator, callback: Callback = None) -
 # ---------------------------------------------------------------------------
 # CGLS
 # ---------------------------------------------------------------------------
-def cg_least_squares(y: torch.Tensor, op: LinearOperator, n_iter: int = 50,
-                     x0: Optional[torch.Tensor] = None, damp: float = 0.0, tol: float = 1e-10,
-                     callback: Callback = None) -> torch.Tensor:
-    """CGLS: conjugate gradients on the normal equations, batched.
+def cgls(y: torch.Tensor, op: LinearOperator, n_iter: int = 50,
+         x0: Optional[torch.Tensor] = None, damp: float = 0.0, tol: float = 1e-10,
+         callback: Callback = None) -> torch.Tensor:
+    """CGLS baseline: conjugate gradients on the normal equations, batched
+    (the baseline signature ``method(y, op, **options)`` around the solver
+    :func:`forward_models.cgls`).
 
     Minimises ``||A x - y||^2 + damp**2 ||x||^2`` (scipy ``lsqr`` convention
     for ``damp``) from ``x0`` (default zeros), per batch item with its own
@@ -786,5 +730,5 @@ def cg_least_squares(y: torch.Tensor, op: LinearOperator, n_iter: int = 50,
     x = _check_x0(x0, op, y, "cgls")
     if x is None:
         x = torch.zeros((y.shape[0], *op.in_shape), dtype=_image_dtype(y, op), device=y.device)
-    return cgls(op, y, n_iter=int(n_iter), x0=x, tol=tol, damp=float(damp),
-                real=not op.is_complex_input, callback=callback)
+    return _cgls_solver(op, y, n_iter=int(n_iter), x0=x, tol=tol, damp=float(damp),
+                        real=not op.is_complex_input, callback=callback)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from forward_models.ct import ParallelBeamCT, views as equal_views
+from forward_models.ct import ParallelBeamCT, view_angles
 
 __all__ = ["bench_operators"]
 
@@ -68,7 +68,7 @@ def bench_operators(sizes=(256, 512), views=(23, 90, 180), batch=(1, 8), repeats
         rng = np.random.default_rng(0)
         for size in sizes:
             for n_views in views:
-                angles = equal_views(n_views)
+                angles = view_angles(n_views)
                 op = ParallelBeamCT(size, angles)
                 ready = f"{op.build_seconds:.2f} ({op.projector.source}, {op.backend})"
                 theta = np.rad2deg(angles.numpy())

@@ -8,8 +8,10 @@ prints one line ``recon <cmd>: error: ...`` and exits with status 2;
 ``--manifest``) log failing cases, go on, and exit with status 1 at the end if
 any failed.
 
-Reconstruction commands (task setup in :mod:`recon.tasks`, the loops in
-:mod:`recon.harness`)::
+This module is the only place that reads argparse: it declares every option
+once and turns them into typed objects (:mod:`recon.acquisition`,
+:class:`recon.execute.RunSettings`, :class:`recon.single.Inputs`) for the
+runners (:mod:`recon.single`, :mod:`recon.compare`).  Reconstruction commands::
 
     recon ct INPUT --views N [--limited-angle DEG] [--geometry parallel|fan]
              [--photons I0 | --noise SIGMA] --method NAME [--param K=V ...] [--prior P]
@@ -31,17 +33,8 @@ import json
 import sys
 from pathlib import Path
 
+from recon.device import resolve_device
 from recon.errors import ReconError
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ReconError("--device cuda was requested but CUDA is not available; use --device cpu or auto")
-    return torch.device(name)
 
 
 def common_options(p: argparse.ArgumentParser, out_required: bool = True):
@@ -203,7 +196,7 @@ def run_likelihood(args):
               "bits_per_dim": float(bpd[0])}
     print(json.dumps(result, indent=2))
     if args.out:
-        from recon.harness import write_text
+        from recon.outputs import write_text
 
         write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
 
@@ -230,18 +223,177 @@ def run_bench(args):
 # ---------------------------------------------------------------------------
 # reconstruction: ct / mri / inpaint / compare / demo / methods
 # ---------------------------------------------------------------------------
-_METHOD_HELP = ("reconstruction method: fbp, sirt, tv, cgls (CT); zero-filled, sense-adjoint, cs-wavelet, "
-                "tv, cgls (MRI); biharmonic, tv, cgls (inpainting); score, score-fast, dps (any, need a "
-                "prior); `recon methods` lists them")
+def _method_help() -> str:
+    """Methods per task, from the registry's metadata."""
+    from recon.methods import METHODS
+
+    parts = []
+    for task in ("ct", "mri", "inpaint"):
+        names = [n for n, m in METHODS.items() if task in m.tasks and not m.needs_prior]
+        parts.append(f"{', '.join(names)} ({task})")
+    prior = [n for n, m in METHODS.items() if m.needs_prior]
+    return (f"reconstruction method: {'; '.join(parts)}; {', '.join(prior)} (any task, need a prior); "
+            "`recon methods` lists them")
 
 
+# -- number types: each option's value is checked at parse time, one message style
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {v}")
+    return v
+
+
+# -- acquisition options (one declaration per option) -------------------------
+def _noise_options(g, photons: bool):
+    if photons:
+        g = g.add_mutually_exclusive_group()
+        g.add_argument("--photons", type=_positive_float, default=None, metavar="I0",
+                       help="Poisson (low-dose) noise with I0 incident photons per ray (see CT physics "
+                            "in forward_models.physics); default: noise-free")
+    g.add_argument("--noise", type=_nonneg_float, default=None, metavar="SIGMA",
+                   help="additive Gaussian noise, std = SIGMA x RMS of the clean measurement "
+                        "(relative, e.g. 0.01 = 1%%); default: noise-free")
+
+
+def _window_units_options(g, what: str):
+    g.add_argument("--window", default=None, metavar="LO,HI",
+                   help=f"HU window mapped to [0, 1] {what}")
+    g.add_argument("--units", choices=["auto", "hu", "intensity"], default="auto",
+                   help="input intensities: Hounsfield units (windowed) or display intensities "
+                        "(divided by the maximum); default: guessed (see recon.tasks)")
+
+
+def _ct_options(p):
+    g = p.add_argument_group("CT acquisition")
+    g.add_argument("--views", type=_positive_int, default=None, metavar="N",
+                   help="number of projection views (required when simulating; with --sinogram "
+                        "it defaults to the file's first axis)")
+    g.add_argument("--limited-angle", type=_positive_float, default=None, metavar="DEG",
+                   help="angular range covered by the views in degrees (default: 180 parallel, 360 fan)")
+    g.add_argument("--geometry", choices=["parallel", "fan"], default="parallel",
+                   help="beam geometry (default: parallel)")
+    g.add_argument("--source-distance", type=_positive_float, default=2.0, metavar="F",
+                   help="fan beam: source to rotation axis, in multiples of the image width (default 2)")
+    g.add_argument("--detector-distance", type=_positive_float, default=4.0, metavar="F",
+                   help="fan beam: source to detector, in multiples of the image width (default 4)")
+    _noise_options(g, photons=True)
+    _window_units_options(g, "(default: the prior's window for score methods, else -1000,1000)")
+    g.add_argument("--fov", type=_positive_float, default=None, metavar="MM",
+                   help="field of view in mm (sets the pixel size for --photons; default: from "
+                        "the input's pixel spacing, else 1 mm per native pixel)")
+
+
+def _mri_options(p):
+    from forward_models import MRI_MASKS
+
+    g = p.add_argument_group("MRI sampling")
+    g.add_argument("--mask", choices=sorted(MRI_MASKS), default=None,
+                   help="k-space sampling pattern (line masks sample columns)")
+    g.add_argument("--accel", type=_positive_float, default=None, metavar="R",
+                   help="acceleration factor (equispaced needs an integer)")
+    g.add_argument("--center-fraction", type=_fraction, default=0.08, metavar="F",
+                   help="fully sampled central fraction (default 0.08)")
+    g.add_argument("--mask-file", default=None, metavar="FILE",
+                   help="use this 0/1 mask (.npy or image, the k-space size) instead of --mask")
+    _noise_options(g, photons=False)
+
+
+def _inpaint_options(p):
+    from forward_models import INPAINT_MASKS
+
+    g = p.add_argument_group("inpainting mask")
+    g.add_argument("--mask", choices=sorted(INPAINT_MASKS), default="box",
+                   help="missing region: centred box, random pixels, or brush strokes (default box)")
+    g.add_argument("--box-fraction", type=_fraction, default=0.25, metavar="F",
+                   help="box: missing area fraction (default 0.25)")
+    g.add_argument("--keep-ratio", type=_fraction, default=0.2, metavar="P",
+                   help="random: fraction of observed pixels (default 0.2)")
+    g.add_argument("--strokes", type=_positive_int, default=4, metavar="N",
+                   help="strokes: number of brush strokes (default 4)")
+    g.add_argument("--mask-file", default=None, metavar="FILE",
+                   help="use this 0/1 mask (.npy or image, 1 = observed, the working size)")
+    _noise_options(g, photons=False)
+    _window_units_options(g, "for CT input (default: the prior's window or -1000,1000)")
+
+
+def _ct_acquisition(args):
+    from recon.acquisition import CTAcquisition
+
+    return CTAcquisition(views=args.views, limited_angle=args.limited_angle, geometry=args.geometry,
+                         source_distance=args.source_distance, detector_distance=args.detector_distance,
+                         photons=args.photons, noise=args.noise, window=args.window, units=args.units,
+                         fov=args.fov, sinogram=args.sinogram, sinogram_units=args.sinogram_units,
+                         sigma_y=args.sigma_y)
+
+
+def _mri_acquisition(args):
+    from recon.acquisition import MRIAcquisition
+
+    return MRIAcquisition(mask=args.mask, accel=args.accel, center_fraction=args.center_fraction,
+                          mask_file=args.mask_file, noise=args.noise, kspace=args.kspace,
+                          dataset=args.dataset, from_image=args.from_image, calib=args.calib,
+                          reference=args.reference, sigma_y=args.sigma_y)
+
+
+def _inpaint_acquisition(args):
+    from recon.acquisition import InpaintAcquisition
+
+    return InpaintAcquisition(mask=args.mask, box_fraction=args.box_fraction, keep_ratio=args.keep_ratio,
+                              strokes=args.strokes, mask_file=args.mask_file, noise=args.noise,
+                              window=args.window, units=args.units)
+
+
+#: the measured-data options of `recon ct` / `recon mri`, absent from `recon compare`
+_NO_MEASURED_DATA = dict(sinogram=None, sinogram_units="image", sigma_y=None, kspace=None, dataset=None,
+                         from_image=False, calib=None, reference=None)
+
+#: task name -> (acquisition options, acquisition builder, help)
+_TASK_CLI = {
+    "ct": (_ct_options, _ct_acquisition, "CT reconstruction from a simulated (or a measured --sinogram) sinogram"),
+    "mri": (_mri_options, _mri_acquisition,
+            "MRI reconstruction from simulated or measured (--kspace) undersampled k-space"),
+    "inpaint": (_inpaint_options, _inpaint_acquisition, "fill missing pixels (box, random pixels, brush strokes)"),
+}
+
+
+# -- method, input and batch options ---------------------------------------------
 def _method_options(p, multi: bool = False):
     g = p.add_argument_group("method")
     if multi:
         g.add_argument("--methods", required=True, metavar="M1,M2,...",
                        help="comma-separated methods, e.g. fbp,tv,score-fast (see `recon methods`)")
     else:
-        g.add_argument("--method", required=True, metavar="NAME", help=_METHOD_HELP)
+        g.add_argument("--method", required=True, metavar="NAME", help=_method_help())
     g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra method option (repeatable), value parsed as int/float/bool/none/str, "
                         "'a,b' as a tuple; e.g. lam=1e-3, n_iter=50" +
@@ -252,14 +404,20 @@ def _method_options(p, multi: bool = False):
     g.add_argument("--size", type=int, default=None, metavar="S",
                    help="working image size SxS (default: the native size after a square centre crop; "
                         "the prior's image size when a score method runs)")
-    if not multi:
-        g.add_argument("--samples", type=int, default=1, metavar="K",
-                       help="posterior samples for score methods: the mean is the reconstruction and "
-                            "std.png/std.npy their per-pixel std (default 1)")
-    else:
-        g.add_argument("--samples", type=int, default=1, metavar="K",
-                       help="posterior samples per case for the score methods (score, score-fast, dps): "
-                            "their mean is scored; other methods run once (default 1)")
+    g.add_argument("--samples", type=int, default=1, metavar="K",
+                   help=("posterior samples per case for the score methods (score, score-fast, dps): "
+                         "their mean is scored; other methods run once (default 1)") if multi else
+                        ("posterior samples for score methods: the mean is the reconstruction and "
+                         "std.png/std.npy their per-pixel std (default 1)"))
+
+
+def _run_settings(args, methods):
+    from recon.execute import RunSettings, parse_params
+
+    return RunSettings(methods=methods, params=parse_params(args.param), param_text=list(args.param or []),
+                       prior=args.prior, size=args.size, samples=args.samples, seed=args.seed,
+                       device=resolve_device(args.device), progress=progress_enabled(args),
+                       debug=args.debug, force=args.force)
 
 
 def _input_options(p, positional: bool = True, required: bool = True):
@@ -271,7 +429,7 @@ def _input_options(p, positional: bool = True, required: bool = True):
 
 
 def _manifest_options(p):
-    g = p.add_argument_group("batches (see recon.harness for a Slurm example)")
+    g = p.add_argument_group("batches (see recon.outputs for a Slurm example)")
     g.add_argument("--manifest", default=None, metavar="FILE",
                    help="text file with one input per line (# comments); one output folder per line")
     g.add_argument("--shard", default=None, metavar="i/n",
@@ -279,21 +437,14 @@ def _manifest_options(p):
     g.add_argument("--force", action="store_true", help="recompute cases whose outputs already exist")
 
 
-_OUT_HELP = {
-    "ct": "CT reconstruction from a simulated (or a measured --sinogram) sinogram",
-    "mri": "MRI reconstruction from simulated or measured (--kspace) undersampled k-space",
-    "inpaint": "fill missing pixels (box, random pixels, brush strokes)",
-}
-
 _EPILOG = ("Outputs in --out: the reconstruction (a derived DICOM series in dicom/ for DICOM input, else "
            "recon.nii.gz; in the input's units), recon.png, metrics.json (PSNR/SSIM/NMSE on the [0, 1] scale "
            "when a ground truth exists), run.json (versions, options, timings). Exit status 2 on bad input.")
 
 
 def add_ct(sub):
-    from recon.tasks import TASKS
-
-    p = sub.add_parser("ct", help=_OUT_HELP["ct"], description=_OUT_HELP["ct"] + ". " + _EPILOG)
+    help_ = _TASK_CLI["ct"][2]
+    p = sub.add_parser("ct", help=help_, description=help_ + ". " + _EPILOG)
     _input_options(p, required=False)
     g = p.add_argument_group("measured data")
     g.add_argument("--sinogram", default=None, metavar="FILE",
@@ -303,9 +454,9 @@ def add_ct(sub):
                    help="image: y = A x for the [0, 1] image with unit pixels (as sinogram.npy is written); "
                         "attenuation: post-log line integrals (mu in 1/mm times mm), converted with the "
                         "window and --fov")
-    g.add_argument("--sigma-y", type=float, default=None, metavar="STD",
+    g.add_argument("--sigma-y", type=_nonneg_float, default=None, metavar="STD",
                    help="noise std of the measured data in y units (passed to score methods)")
-    TASKS["ct"].add_arguments(p)
+    _ct_options(p)
     _method_options(p)
     _manifest_options(p)
     common_options(p)
@@ -313,9 +464,8 @@ def add_ct(sub):
 
 
 def add_mri(sub):
-    from recon.tasks import TASKS
-
-    p = sub.add_parser("mri", help=_OUT_HELP["mri"], description=_OUT_HELP["mri"] + ". " + _EPILOG)
+    help_ = _TASK_CLI["mri"][2]
+    p = sub.add_parser("mri", help=help_, description=help_ + ". " + _EPILOG)
     _input_options(p, required=False)
     g = p.add_argument_group("measured k-space")
     g.add_argument("--kspace", default=None, metavar="FILE",
@@ -325,14 +475,14 @@ def add_mri(sub):
     g.add_argument("--dataset", default=None, metavar="NAME", help=".h5 k-space dataset (default kspace)")
     g.add_argument("--from-image", action="store_true",
                    help="--kspace FILE is a complex image; its centred FFT is the k-space")
-    g.add_argument("--calib", type=int, default=None, metavar="N",
+    g.add_argument("--calib", type=_positive_int, default=None, metavar="N",
                    help="calibration block size for coil maps (default: the fully sampled centre, <= 32)")
     g.add_argument("--reference", default=None, metavar="FILE",
                    help="reference image for metrics (e.g. BART img.cfl); .h5 reconstruction_rss is used "
                         "automatically")
-    g.add_argument("--sigma-y", type=float, default=None, metavar="STD",
+    g.add_argument("--sigma-y", type=_nonneg_float, default=None, metavar="STD",
                    help="noise std of the measured k-space after scaling (passed to score methods)")
-    TASKS["mri"].add_arguments(p)
+    _mri_options(p)
     _method_options(p)
     _manifest_options(p)
     common_options(p)
@@ -340,11 +490,10 @@ def add_mri(sub):
 
 
 def add_inpaint(sub):
-    from recon.tasks import TASKS
-
-    p = sub.add_parser("inpaint", help=_OUT_HELP["inpaint"], description=_OUT_HELP["inpaint"] + ". " + _EPILOG)
+    help_ = _TASK_CLI["inpaint"][2]
+    p = sub.add_parser("inpaint", help=help_, description=help_ + ". " + _EPILOG)
     _input_options(p)
-    TASKS["inpaint"].add_arguments(p)
+    _inpaint_options(p)
     _method_options(p)
     common_options(p)
     p.set_defaults(manifest=None, shard=None, force=False)
@@ -353,10 +502,13 @@ def add_inpaint(sub):
 
 def _run_task(name):
     def run(args):
-        from recon.harness import run_single
+        from recon.single import Inputs, run_single
         from recon.tasks import TASKS
 
-        return run_single(TASKS[name], args, lambda m: log(args, m))
+        acq = _TASK_CLI[name][1](args)
+        return run_single(TASKS[name], acq, _run_settings(args, [args.method]),
+                          Inputs(path=args.input, series=args.series, slice=args.slice), args.out,
+                          lambda m: log(args, m), manifest=args.manifest, shard=args.shard)
 
     run.__name__ = f"run_{name}"
     return run
@@ -379,9 +531,10 @@ def add_compare(sub):
                        help="folder of cases: DICOM series, NIfTI volumes, PNG/JPEG/TIFF, 2-D .npy")
         g.add_argument("--slices", default="middle", metavar="middle|all|every:K",
                        help="which slices of each volume: the middle one (default), all, or every K-th")
-        g.add_argument("--max-cases", type=int, default=None, metavar="N",
+        g.add_argument("--max-cases", type=_positive_int, default=None, metavar="N",
                        help="only the first N cases (per manifest line with --manifest)")
-        task.add_arguments(q)
+        _TASK_CLI[name][0](q)
+        q.set_defaults(**_NO_MEASURED_DATA)  # compare simulates every case
         _method_options(q, multi=True)
         _manifest_options(q)
         common_options(q)
@@ -389,9 +542,13 @@ def add_compare(sub):
 
 
 def run_compare(args):
-    from recon.harness import run_compare as _run
+    from recon.compare import run_compare as _run
+    from recon.tasks import TASKS
 
-    return _run(args, lambda m: log(args, m))
+    acq = _TASK_CLI[args.task][1](args)
+    return _run(TASKS[args.task], acq, _run_settings(args, args.methods), args.out, lambda m: log(args, m),
+                data=args.data, manifest=args.manifest, slices=args.slices, max_cases=args.max_cases,
+                shard=args.shard)
 
 
 def add_demo(sub):
@@ -401,16 +558,19 @@ def add_demo(sub):
                                    "score (predictor-corrector, Song et al. 2022) and score-fast; writes "
                                    "demo.png, metrics.md, metrics.csv and prints the table.")
     p.add_argument("--methods", default="fbp,tv,score,score-fast", metavar="M1,M2,...")
-    p.add_argument("--views", type=int, default=23, help=argparse.SUPPRESS)
+    p.add_argument("--views", type=_positive_int, default=23, help=argparse.SUPPRESS)
     common_options(p, out_required=False)
     p.set_defaults(out="recon-demo")
     return p
 
 
 def run_demo(args):
-    from recon.harness import run_demo as _run
+    from recon.compare import run_demo as _run
+    from recon.execute import RunSettings
 
-    return _run(args, lambda m: log(args, m))
+    settings = RunSettings(methods=args.methods, seed=args.seed, device=resolve_device(args.device),
+                           progress=progress_enabled(args), debug=args.debug)
+    return _run(settings, args.out, lambda m: log(args, m), views=args.views)
 
 
 def add_methods(sub):
@@ -424,8 +584,12 @@ def run_methods(args):
     for name in sorted(METHODS):
         m = METHODS[name]
         opts = m.options()
-        names = "any (passed through)" if opts is None else (", ".join(o for o in opts if o != "callback") or "none")
-        print(f"{name:<{width}}  {m.applies_to}; options: {names}")
+        hidden = ("callback", "task")
+        names = "any (passed through)" if opts is None else (", ".join(o for o in opts if o not in hidden)
+                                                             or "none")
+        traits = [t for t, on in (("needs a prior", m.needs_prior), ("stochastic", m.stochastic)) if on]
+        print(f"{name:<{width}}  tasks: {', '.join(m.tasks)}; {m.applies_to}"
+              f"{'; ' + ', '.join(traits) if traits else ''}; options: {names}")
     return 0
 
 

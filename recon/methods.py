@@ -1,10 +1,15 @@
-"""Registry of reconstruction methods by user-facing name.
+"""Registry of reconstruction methods by user-facing name, with their metadata.
 
 Every method has the signature ``method(y, operator, **options) -> image``
-(see :mod:`recon.baselines`).  Each entry of :data:`METHODS` is a
-:class:`Method`: calling it checks that the operator is supported (its
-``supports(op)`` predicate) and that the options are accepted, raising
-:class:`recon.errors.ReconError` otherwise, then calls the function.
+(see :mod:`recon.baselines` and :mod:`recon.score_methods`).  Each entry of
+:data:`METHODS` is a :class:`Method`: calling it checks that the operator is
+supported (its ``supports(op)`` predicate) and that the options are accepted,
+raising :class:`recon.errors.ReconError` otherwise, then calls the function.
+Its metadata is what every listing and plan reads (never a hard-coded list of
+names): ``needs_prior`` (score methods: a ``prior`` option), ``stochastic``
+(takes a seed; ``--samples K`` draws K posterior samples), ``needs_decompose``
+(the operator must factor as ``A = P(mask) T``) and ``tasks`` (the task kinds
+it applies to).
 
 Built-in names::
 
@@ -16,27 +21,26 @@ Built-in names::
     'sense-adjoint' MRI only
     'cs-wavelet'    MRI only
     'biharmonic'    inpainting only
+    'score'         operators with decompose() (CT, MRI, inpainting); needs a prior
+    'score-fast'    any operator; needs a prior
+    'dps'           any operator; needs a prior
 
 Add more with :func:`register` (usable as a decorator)::
 
-    @register("dps", supports=lambda op: True, description="...")
-    def dps(y, op, *, model, n_steps=1000, callback=None): ...
+    @register("my-method", supports=is_ct, tasks=("ct",))
+    def my_method(y, op, *, lam=1e-3, callback=None): ...
 
-Operator kinds are recognised by class (imported lazily from
-``forward_models.ct`` / ``.mri`` / ``.inpaint``, so this module imports even
-when those are missing) or by an optional ``modality`` attribute on the
-operator (``'ct'``, ``'mri'``, ``'inpaint'``); any complex-input operator counts
-as MRI, and an operator is an inpainting operator when
-:func:`recon.baselines.inpainting_mask` finds its mask.
+Operator kinds come from :func:`forward_models.operator_kind` (the operator
+class's ``modality``, complex input for MRI, a pixel mask for inpainting).
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
-from recon import baselines
+from forward_models import operator_kind
+from recon import baselines, score_methods
 from recon.errors import ReconError
 
 __all__ = [
@@ -51,45 +55,35 @@ __all__ = [
     "is_inpainting",
     "any_operator",
     "real_operator",
+    "has_decomposition",
+    "prior_methods",
 ]
 
 
 # ---------------------------------------------------------------------------
 # operator predicates
 # ---------------------------------------------------------------------------
-def _lazy_isinstance(op, module: str, names) -> bool:
-    try:
-        mod = importlib.import_module(module)
-    except Exception:  # not written yet / broken / optional dependency missing
-        return False
-    classes = tuple(c for c in (getattr(mod, n, None) for n in names) if isinstance(c, type))
-    return bool(classes) and isinstance(op, classes)
-
-
-def _modality(op) -> Optional[str]:
-    m = getattr(op, "modality", None)
-    return m.lower() if isinstance(m, str) else None
-
-
 def is_ct(op) -> bool:
-    """A CT projector (``ParallelBeamCT``/``FanBeamCT`` or ``modality == 'ct'``)."""
-    return _modality(op) == "ct" or _lazy_isinstance(
-        op, "forward_models.ct", ("ParallelBeamCT", "FanBeamCT"))
+    """A CT projector (``operator_kind(op) == 'ct'``)."""
+    return operator_kind(op) == "ct"
 
 
 def is_mri(op) -> bool:
-    """An MRI operator (``FFT2c``/``CartesianMRI``/``SenseMRI``,
-    ``modality == 'mri'``, or any complex-input operator)."""
-    return (_modality(op) == "mri" or bool(getattr(op, "is_complex_input", False))
-            or _lazy_isinstance(op, "forward_models.mri", ("FFT2c", "CartesianMRI", "SenseMRI")))
+    """An MRI operator (MRI classes, or any complex-input operator)."""
+    return operator_kind(op) == "mri"
 
 
 def is_inpainting(op) -> bool:
-    """A pixel-mask operator ``A x = mask * x`` whose mask can be found."""
-    try:
-        return baselines.inpainting_mask(op) is not None
-    except Exception:
-        return False
+    """A pixel-mask operator ``A x = mask * x``."""
+    return operator_kind(op) == "inpaint"
+
+
+def has_decomposition(op) -> bool:
+    """The operator implements ``decompose()`` (A = P(mask) T), as the projection sampler needs."""
+    from forward_models import LinearOperator
+
+    impl = getattr(type(op), "decompose", None)
+    return impl is not None and impl is not LinearOperator.decompose
 
 
 def any_operator(op) -> bool:
@@ -106,6 +100,7 @@ _APPLIES_TO = {
     is_inpainting: "an inpainting (pixel-mask) operator",
     any_operator: "any operator",
     real_operator: "a real operator",
+    has_decomposition: "an operator with decompose() (CT, MRI, inpainting)",
 }
 
 
@@ -121,6 +116,10 @@ class Method:
     supports: Callable[[object], bool] = any_operator
     description: str = ""
     applies_to: str = "any operator"
+    needs_prior: bool = False
+    stochastic: bool = False
+    needs_decompose: bool = False
+    tasks: tuple = ("ct", "mri", "inpaint")
     _sig: Optional[inspect.Signature] = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -176,10 +175,14 @@ METHODS: Dict[str, Method] = {}
 
 
 def register(name: str, fn: Optional[Callable] = None, *, supports: Callable = any_operator,
-             description: str = "", applies_to: Optional[str] = None, overwrite: bool = False):
+             description: str = "", applies_to: Optional[str] = None, overwrite: bool = False,
+             needs_prior: bool = False, stochastic: bool = False, needs_decompose: bool = False,
+             tasks=("ct", "mri", "inpaint")):
     """Register ``fn`` under ``name`` (also usable as ``@register(name, ...)``).
 
-    ``supports(op) -> bool`` says which operators the method applies to.
+    ``supports(op) -> bool`` says which operators the method applies to;
+    ``needs_prior``, ``stochastic``, ``needs_decompose`` and ``tasks`` are the
+    metadata described in the module docstring.
     Registering a different function under an existing name raises
     ``ReconError`` unless ``overwrite=True`` (re-registering the same function,
     e.g. on module reload, is fine).  Returns ``fn``.
@@ -202,7 +205,9 @@ def register(name: str, fn: Optional[Callable] = None, *, supports: Callable = a
             text = old.applies_to
         else:
             text = applies_to or _APPLIES_TO.get(supports, "an operator it supports")
-        METHODS[name] = Method(name, f, supports, doc, text)
+        METHODS[name] = Method(name, f, supports, doc, text, needs_prior=bool(needs_prior),
+                               stochastic=bool(stochastic), needs_decompose=bool(needs_decompose),
+                               tasks=tuple(tasks))
         return f
 
     return _do if fn is None else _do(fn)
@@ -224,6 +229,11 @@ def available(op=None):
     return sorted(n for n, m in METHODS.items() if _safe_supports(m, op))
 
 
+def prior_methods() -> list[str]:
+    """Names of the registered methods that need a score prior."""
+    return sorted(n for n, m in METHODS.items() if m.needs_prior)
+
+
 def run(name: str, y, op, **options):
     """``get_method(name)(y, op, **options)``."""
     return get_method(name)(y, op, **options)
@@ -241,16 +251,19 @@ def _fbp(y, op, **options):
     return fbp(y, op, **options)
 
 
-register("fbp", _fbp, supports=is_ct, applies_to="a CT operator (ParallelBeamCT/FanBeamCT)")
+register("fbp", _fbp, supports=is_ct, applies_to="a CT operator (ParallelBeamCT/FanBeamCT)", tasks=("ct",))
 register("sirt", baselines.sirt, supports=real_operator,
-         applies_to="a real operator with nonnegative entries (e.g. CT)")
+         applies_to="a real operator with nonnegative entries (e.g. CT)", tasks=("ct", "inpaint"))
 register("tv", baselines.tv, supports=any_operator, applies_to="any operator")
-register("cgls", baselines.cg_least_squares, supports=any_operator, applies_to="any operator")
-register("zero-filled", baselines.zero_filled, supports=is_mri, applies_to="an MRI operator")
-register("sense-adjoint", baselines.sense_adjoint, supports=is_mri, applies_to="an MRI operator")
-register("cs-wavelet", baselines.cs_wavelet, supports=is_mri, applies_to="an MRI operator")
+register("cgls", baselines.cgls, supports=any_operator, applies_to="any operator")
+register("zero-filled", baselines.zero_filled, supports=is_mri, applies_to="an MRI operator", tasks=("mri",))
+register("sense-adjoint", baselines.sense_adjoint, supports=is_mri, applies_to="an MRI operator", tasks=("mri",))
+register("cs-wavelet", baselines.cs_wavelet, supports=is_mri, applies_to="an MRI operator", tasks=("mri",))
 register("biharmonic", baselines.biharmonic, supports=is_inpainting,
-         applies_to="an inpainting (pixel-mask) operator")
-
-# Score-based methods register themselves (score, score-fast, dps).
-from recon import score_methods  # noqa: E402,F401
+         applies_to="an inpainting (pixel-mask) operator", tasks=("inpaint",))
+register("score", score_methods.score_pc, supports=has_decomposition, needs_prior=True, stochastic=True,
+         needs_decompose=True, applies_to="an operator with decompose() (CT, MRI, inpainting)")
+register("score-fast", score_methods.score_fast, supports=any_operator, needs_prior=True, stochastic=True,
+         applies_to="any operator")
+register("dps", score_methods.dps, supports=any_operator, needs_prior=True, stochastic=True,
+         applies_to="any operator")

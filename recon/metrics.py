@@ -26,7 +26,9 @@ from typing import Union
 
 import numpy as np
 
-__all__ = ["psnr", "ssim", "nmse"]
+from recon.errors import ReconError
+
+__all__ = ["psnr", "ssim", "nmse", "compute_metrics", "center_crop"]
 
 ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821
 
@@ -125,3 +127,23 @@ def nmse(x: ArrayLike, ref: ArrayLike) -> Union[float, np.ndarray]:
             raise ValueError("nmse: ref is all zeros, so the normalised error is undefined")
         vals.append(np.sum((a - r) ** 2) / den)
     return _finish(vals, lead)
+
+
+def center_crop(img: np.ndarray, shape) -> np.ndarray:
+    """The centred ``shape`` window of ``img`` (a reconstruction larger than its reference)."""
+    h, w = img.shape
+    H, W = shape
+    if H > h or W > w:
+        raise ReconError(f"the reference is {H}x{W} but the reconstruction only {h}x{w}")
+    top, left = (h - H) // 2, (w - W) // 2
+    return img[top:top + H, left:left + W]
+
+
+def compute_metrics(recon: np.ndarray, truth: np.ndarray) -> dict:
+    """PSNR / SSIM / NMSE of ``clip(recon, 0, 1)`` against ``truth`` (both [0, 1], data_range 1)."""
+    r = np.clip(np.asarray(recon, dtype=np.float64), 0, 1)
+    t = np.asarray(truth, dtype=np.float64)
+    if r.shape != t.shape:
+        r = center_crop(r, t.shape)
+    return {"psnr": float(psnr(r, t, data_range=1.0)), "ssim": float(ssim(r, t, data_range=1.0)),
+            "nmse": float(nmse(r, t))}

@@ -1,11 +1,14 @@
-"""Intensity conventions shared by training, evaluation and the CLI.
+"""Intensity conventions: the one home for the [0, 1] working scale.
 
-* CT: Hounsfield units are mapped linearly from a window [lo, hi] to [0, 1] and
-  clipped (default window [-1000, 1000] HU; a prior's metadata overrides it).
-* MRI: magnitude images are divided by their maximum, so the ground truth's
-  maximum is 1.
+Shared by training, evaluation, the command line and the notebooks.
+
+* CT: Hounsfield units are mapped linearly from a window [lo, hi] to [0, 1]
+  (:func:`hu_to_unit`, clipped) and back (:func:`unit_to_hu`); the default
+  window is [-1000, 1000] HU, a prior's metadata overrides it.
+* MRI and other magnitude images: divided by their maximum
+  (:func:`magnitude_to_unit`), so the ground truth's maximum is 1.
 * Images are centre-cropped to a square and resized (anti-aliased) to the
-  working size.
+  working size (:func:`square_resize`).
 """
 from __future__ import annotations
 
@@ -27,20 +30,30 @@ def square_resize(img: np.ndarray, size: int | None) -> np.ndarray:
     return resize(img, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
+def hu_to_unit(hu: np.ndarray, window=CT_WINDOW) -> np.ndarray:
+    """HU -> [0, 1] through the window ``(lo, hi)``, clipped."""
+    lo, hi = window or CT_WINDOW
+    return np.clip((np.asarray(hu, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+
+def unit_to_hu(x01: np.ndarray, window=CT_WINDOW) -> np.ndarray:
+    """[0, 1] -> HU through the window ``(lo, hi)`` (values clipped by the window are lost)."""
+    lo, hi = window or CT_WINDOW
+    return (np.asarray(x01, dtype=np.float32) * (hi - lo) + lo).astype(np.float32)
+
+
+def magnitude_to_unit(img: np.ndarray) -> tuple[np.ndarray, float]:
+    """``|img| / max|img|`` and the scale ``max|img|`` (0 for an all-zero image)."""
+    mag = np.abs(img)
+    scale = float(mag.max())
+    return (mag / scale if scale > 0 else mag).astype(np.float32), scale
+
+
 def normalise(img: np.ndarray, modality: str, window=CT_WINDOW) -> np.ndarray:
     """CT: HU window -> [0, 1] (clipped). MRI (and other): magnitude / max."""
     if modality == "ct":
-        lo, hi = window or CT_WINDOW
-        return np.clip((img - lo) / (hi - lo), 0, 1).astype(np.float32)
-    img = np.abs(img)
-    m = float(img.max())
-    return (img / m if m > 0 else img).astype(np.float32)
-
-
-def to_hu(img01: np.ndarray, window=CT_WINDOW) -> np.ndarray:
-    """Inverse of the CT window mapping (values outside the window are lost)."""
-    lo, hi = window or CT_WINDOW
-    return (np.asarray(img01, dtype=np.float32) * (hi - lo) + lo).astype(np.float32)
+        return hu_to_unit(img, window)
+    return magnitude_to_unit(img)[0]
 
 
 def load_case_image(path, modality: str, size: int | None, window=CT_WINDOW, series_uid=None) -> np.ndarray:

@@ -6,6 +6,14 @@ u = x / s, so predictor, corrector and data consistency are written once.
 Every sampler takes an explicit ``torch.Generator`` and checks each step for
 non-finite values.
 
+As in k-diffusion, the noise schedule and the starting sample can be injected:
+the Karras-schedule samplers (``ode_sample``, ``dps_sample``, ``dds_sample``)
+take ``sigmas=`` (default :func:`karras_sigmas` of their ``n_steps``,
+``sigma_min``, ``sigma_max``, ``rho``), ``pc_sample`` takes SDE times
+``timesteps=`` (default :func:`sde_timesteps`), and all take ``x_init=`` (default:
+prior noise at the first level, drawn from the generator).  Passing the
+defaults explicitly gives bit-identical results.
+
 Implemented:
 * ``pc_sample`` -- predictor-corrector (Song et al., ICLR 2021, Alg. 1-3):
   reverse-diffusion or Euler-Maruyama predictor, Langevin corrector driven by
@@ -25,7 +33,7 @@ import math
 
 import torch
 
-from forward_models.base import _COMPLEX_OF, cgls
+from forward_models.base import cgls, complex_dtype
 from recon.errors import ReconError
 from recon.sde import SDE
 
@@ -34,10 +42,54 @@ from recon.sde import SDE
 # small utilities
 # ---------------------------------------------------------------------------
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 10.0, rho: float = 7.0):
-    """Noise levels of Karras et al. (2022), eq. 5, descending, without the final 0."""
+    """Noise levels of Karras et al. (2022), eq. 5, descending, without the final 0 (float64)."""
     i = torch.arange(n, dtype=torch.float64)
     ramp = i / max(n - 1, 1)
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sde_timesteps(sde: SDE, n_steps: int = 1000, eps: float = 1e-3) -> torch.Tensor:
+    """SDE times of ``pc_sample``: ``n_steps`` equally spaced from ``sde.T`` down to ``eps`` (float64)."""
+    return torch.linspace(sde.T, eps, n_steps, dtype=torch.float64)
+
+
+def _schedule(values, name: str) -> torch.Tensor:
+    """An injected schedule as a float64 1-D tensor; descending and finite, else ValueError."""
+    v = values.detach() if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.float64)
+    if v.is_complex() or v.dim() != 1:
+        raise ValueError(f"{name} must be a real 1-D tensor, got shape {tuple(v.shape)} and dtype {v.dtype}")
+    v = v.to(device="cpu", dtype=torch.float64)
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if len(v) > 1 and not bool((v[1:] <= v[:-1]).all()):
+        raise ValueError(f"{name} must be descending (largest noise level first)")
+    return v
+
+
+def _sigma_list(sigmas, default) -> list:
+    """The Karras samplers' levels as Python floats ending in 0: ``sigmas`` if given (a
+    trailing 0 is optional), else ``default()`` (built lazily)."""
+    if sigmas is None:
+        return default().tolist() + [0.0]
+    v = _schedule(sigmas, "sigmas")
+    if len(v) and bool((v[:-1] <= 0).any() or v[-1] < 0):
+        raise ValueError("sigmas must be positive (only the last one may be 0)")
+    out = v.tolist()
+    if not out or out[-1] != 0:
+        out.append(0.0)
+    return out
+
+
+def _initial(x_init, shape, sigma0: float, generator, dtype, device) -> torch.Tensor:
+    """The starting sample: ``x_init`` (shape-checked, cast to dtype/device) or prior noise."""
+    if x_init is None:
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device) * sigma0
+    x = torch.as_tensor(x_init).detach()
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"x_init has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    if x.is_complex() or not torch.isfinite(x).all():
+        raise ValueError("x_init must be a real tensor with finite values")
+    return x.to(dtype=dtype, device=device).clone()
 
 
 def check_finite(x: torch.Tensor, step: int, sigma: float, snr: float | None = None, where: str = "") -> None:
@@ -54,10 +106,10 @@ def _randn(x, generator):
 
 
 def _as_measurement(op, x):
-    return op.A(x.to(_COMPLEX_OF[x.dtype])) if op.is_complex_input else op.A(x)
+    return op.A(x.to(complex_dtype(x.dtype))) if op.is_complex_input else op.A(x)
 
 
-def cg_data_step(op, y, x0, n_iter: int = 10, damp: float = 0.0):
+def cgls_data_step(op, y, x0, n_iter: int = 10, damp: float = 0.0):
     """Data step of the fast solver: ``argmin_x ||A x - y||^2 + damp ||x - x0||^2`` over real
     images, by CGLS started at x0 (``forward_models.cgls``).  Items stop at a relative
     residual set by the dtype's precision, so converged items never drift along the null space."""
@@ -94,7 +146,7 @@ class ProjectionConsistency:
 
     def _T(self, x):
         if self.complex:
-            x = x.to(torch.complex64 if x.dtype == torch.float32 else torch.complex128)
+            x = x.to(complex_dtype(x.dtype))
         return self.T.A(x)
 
     def __call__(self, u, sigma, lam=None):
@@ -114,28 +166,35 @@ class ProjectionConsistency:
 # ---------------------------------------------------------------------------
 # predictor-corrector
 # ---------------------------------------------------------------------------
-def _scaled_schedule(sde: SDE, n_steps: int, eps: float):
-    ts = torch.linspace(sde.T, eps, n_steps, dtype=torch.float64)
-    s, sig = sde.scale_sigma(ts)
-    return ts, s, sig
-
-
 def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr: float = 0.16,
               n_corrector: int = 1, predictor: str = "reverse_diffusion", consistency=None,
               final_lam: float | None = 1.0, eps: float = 1e-3, generator=None, callback=None,
-              dtype=torch.float32, device=None, denoise: bool = True):
+              dtype=torch.float32, device=None, denoise: bool = True, timesteps=None, x_init=None):
     """Predictor-corrector sampling, unconditional or with ``consistency``.
 
     Returns x0 of ``shape`` (B, H, W).  ``predictor`` is 'reverse_diffusion'
     or 'euler_maruyama'; ``n_corrector`` Langevin steps per level with step
     size 2 (snr ||z|| / ||score||)^2.  The last step uses lam = ``final_lam``
     and a final Tweedie denoising step (``denoise``).
+
+    ``timesteps``: descending positive SDE times, one per step (default
+    ``sde_timesteps(sde, n_steps, eps)``; when given, ``n_steps`` and ``eps``
+    are ignored).  ``x_init``: the starting sample of ``shape`` in the scaled
+    space u = x / s(t) (for a VE SDE simply x; default: Gaussian noise of std
+    sigma(t_0) from ``generator``).
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor '{predictor}'; available: {', '.join(PREDICTORS)}")
     sde = sde or prior.sde
-    ts, scales, sigmas = _scaled_schedule(sde, n_steps, eps)
-    u = torch.randn(shape, generator=generator, dtype=dtype, device=device) * float(sigmas[0])
+    if timesteps is None:
+        ts = sde_timesteps(sde, n_steps, eps)
+    else:
+        ts = _schedule(timesteps, "timesteps")
+        if len(ts) == 0 or not bool((ts > 0).all()):
+            raise ValueError("timesteps must hold at least one time, all positive")
+        n_steps = len(ts)
+    _, sigmas = sde.scale_sigma(ts)
+    u = _initial(x_init, shape, float(sigmas[0]), generator, dtype, device)
     dc = consistency or (lambda u, sigma, lam=None: u)
     step_fn = PREDICTORS[predictor]
     for i in range(n_steps):
@@ -191,9 +250,17 @@ PREDICTORS = {"reverse_diffusion": _reverse_diffusion, "euler_maruyama": _euler_
 # probability-flow ODE (Heun, Karras et al. 2022 Alg. 1)
 # ---------------------------------------------------------------------------
 def ode_sample(prior, shape, *, n_steps: int = 40, sigma_min: float = 0.002, sigma_max: float = 20.0,
-               rho: float = 7.0, generator=None, dtype=torch.float32, device=None, callback=None):
-    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist() + [0.0]
-    x = torch.randn(shape, generator=generator, dtype=dtype, device=device) * sigmas[0]
+               rho: float = 7.0, generator=None, dtype=torch.float32, device=None, callback=None,
+               sigmas=None, x_init=None):
+    """Heun steps of the probability-flow ODE from ``sigmas[0]`` down to 0.
+
+    ``sigmas``: descending noise levels (default ``karras_sigmas(n_steps,
+    sigma_min, sigma_max, rho)``; a trailing 0 is optional).  ``x_init``: the
+    starting sample of ``shape`` (default: noise of std ``sigmas[0]``).
+    """
+    sigmas = _sigma_list(sigmas, lambda: karras_sigmas(n_steps, sigma_min, sigma_max, rho))
+    n_steps = len(sigmas) - 1
+    x = _initial(x_init, shape, sigmas[0], generator, dtype, device)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         d = (x - prior.denoise(x, s)) / s
@@ -212,12 +279,19 @@ def ode_sample(prior, shape, *, n_steps: int = 40, sigma_min: float = 0.002, sig
 # DPS (Chung et al., ICLR 2023)
 # ---------------------------------------------------------------------------
 def dps_sample(y, op, prior, *, n_steps: int = 500, zeta: float = 1.0, sigma_max: float = 10.0,
-               sigma_min: float = 0.002, generator=None, callback=None, clip=None):
-    """Ancestral sampling plus a step -zeta grad_x ||y - A D(x, sigma)|| (Chung et al. 2023, Alg. 1)."""
-    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max).tolist() + [0.0]
+               sigma_min: float = 0.002, generator=None, callback=None, clip=None,
+               sigmas=None, x_init=None):
+    """Ancestral sampling plus a step -zeta grad_x ||y - A D(x, sigma)|| (Chung et al. 2023, Alg. 1).
+
+    ``sigmas``: descending noise levels (default ``karras_sigmas(n_steps,
+    sigma_min, sigma_max)``; a trailing 0 is optional).  ``x_init``: the
+    starting sample ``(B, *op.in_shape)`` (default: noise of std ``sigmas[0]``).
+    """
+    sigmas = _sigma_list(sigmas, lambda: karras_sigmas(n_steps, sigma_min, sigma_max))
+    n_steps = len(sigmas) - 1
     shape = (y.shape[0], *op.in_shape)
     dtype = y.real.dtype
-    x = torch.randn(shape, generator=generator, dtype=dtype, device=y.device) * sigmas[0]
+    x = _initial(x_init, shape, sigmas[0], generator, dtype, y.device)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         with torch.enable_grad():
@@ -248,7 +322,8 @@ def dps_sample(y, op, prior, *, n_steps: int = 500, zeta: float = 1.0, sigma_max
 # ---------------------------------------------------------------------------
 def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_max: float = 3.0,
                sigma_min: float = 0.002, rho: float = 7.0, eta: float = 1.0, sigma_y: float = 0.0,
-               final_cg_iters: int | None = None, clip=(0.0, 1.0), generator=None, callback=None):
+               final_cg_iters: int | None = None, clip=(0.0, 1.0), generator=None, callback=None,
+               sigmas=None, x_init=None):
     """One network evaluation per level: x0 = D(x, sigma); x0 <- CG on ||A x - y||^2
     (damped toward D's estimate when the data are noisy); x <- x0 + sigma_next noise.
 
@@ -257,11 +332,18 @@ def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_ma
     CG iterations of the last level, after which nothing is re-noised: with noise-free
     data more iterations there enforce the measurement (lam = 1 at the end, as in Song
     et al. 2022); with noisy data the last step stays damped toward the prior's estimate.
+
+    ``sigmas``: descending noise levels (default ``karras_sigmas(n_steps,
+    sigma_min, sigma_max, rho)``; a trailing 0 is optional; when given,
+    ``n_steps``, ``sigma_min``, ``sigma_max`` and ``rho`` are ignored).
+    ``x_init``: the starting sample ``(B, *op.in_shape)`` (default: noise of
+    std ``sigmas[0]`` from ``generator``).
     """
-    sigmas = karras_sigmas(n_steps, sigma_min, sigma_max, rho).tolist() + [0.0]
+    sigmas = _sigma_list(sigmas, lambda: karras_sigmas(n_steps, sigma_min, sigma_max, rho))
+    n_steps = len(sigmas) - 1
     shape = (y.shape[0], *op.in_shape)
     dtype = y.real.dtype
-    x = torch.randn(shape, generator=generator, dtype=dtype, device=y.device) * sigmas[0]
+    x = _initial(x_init, shape, sigmas[0], generator, dtype, y.device)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0_prior = prior.denoise(x, s)
@@ -270,7 +352,7 @@ def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_ma
         damp = (sigma_y / max(s, 1e-3)) ** 2 if sigma_y > 0 else 0.0
         last = s_next == 0
         n_cg = final_cg_iters if last and final_cg_iters is not None else cg_iters
-        x0 = cg_data_step(op, y, x0_prior, n_iter=n_cg, damp=damp)
+        x0 = cgls_data_step(op, y, x0_prior, n_iter=n_cg, damp=damp)
         if clip is not None:
             x0 = x0.clamp(*clip)
         if s_next > 0:

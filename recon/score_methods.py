@@ -7,27 +7,21 @@
 * ``dps``        -- diffusion posterior sampling (Chung et al., ICLR 2023).
 
 Each takes ``prior`` (a shipped name, a path, or a loaded ``Prior``), ``seed``
-(or an explicit ``generator``) and ``sigma_y``, the standard deviation of the
-measurement noise in the units of y (0 for noise-free data).  Defaults tuned
-per task are stored in the prior's metadata under ``sampler_defaults`` and are
-overridden by explicit options.
+(or an explicit ``generator``), ``sigma_y``, the standard deviation of the
+measurement noise in the units of y (0 for noise-free data), and ``task``
+('ct', 'mri', 'inpaint'; default: the operator's kind).  Defaults tuned per
+task are stored in the prior's metadata under ``sampler_defaults[task]`` and
+are overridden by explicit options.  They are registered, with their
+metadata, in :mod:`recon.methods`.
 """
 from __future__ import annotations
 
 import torch
 
+from forward_models import operator_kind
 from recon.errors import ReconError
-from recon.methods import any_operator, is_ct, is_inpainting, is_mri, register
 from recon.prior import Prior, load_prior
 from recon.samplers import ProjectionConsistency, dds_sample, dps_sample, pc_sample
-
-
-def task_of(op) -> str:
-    """'ct', 'mri' or 'inpaint' (the key of per-task sampler defaults)."""
-    for name, pred in (("ct", is_ct), ("mri", is_mri), ("inpaint", is_inpainting)):
-        if pred(op):
-            return name
-    return "other"
 
 
 def _prior(prior, device) -> Prior:
@@ -39,9 +33,11 @@ def _prior(prior, device) -> Prior:
     return prior.to(device) if hasattr(prior, "to") else prior
 
 
-def _defaults(prior, method: str, op) -> dict:
+def _defaults(prior, method: str, op, task: str | None) -> dict:
+    """The prior's tuned defaults for ``method`` on ``task`` (default: the operator's kind)."""
     meta = getattr(prior, "meta", {}) or {}
-    return dict(meta.get("sampler_defaults", {}).get(task_of(op), {}).get(method, {}))
+    key = task or operator_kind(op) or "other"
+    return dict(meta.get("sampler_defaults", {}).get(key, {}).get(method, {}))
 
 
 def _generator(y, seed, generator):
@@ -57,11 +53,11 @@ def _check_2d(op):
 
 def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None = None, lam: float | None = None,
              n_corrector: int | None = None, inverse_iters: int | None = None, sigma_y: float = 0.0, seed: int = 0,
-             generator=None, callback=None):
+             generator=None, callback=None, task: str | None = None):
     """Predictor-corrector sampling with projection data consistency (Song et al. 2022)."""
     p = _prior(prior, y.device)
     _check_2d(op)
-    d = {"n_steps": 500, "snr": 0.16, "lam": 1.0, "n_corrector": 1, "inverse_iters": 10, **_defaults(p, "score", op)}
+    d = {"n_steps": 500, "snr": 0.16, "lam": 1.0, "n_corrector": 1, "inverse_iters": 10, **_defaults(p, "score", op, task)}
     for k, v in dict(n_steps=n_steps, snr=snr, lam=lam, n_corrector=n_corrector, inverse_iters=inverse_iters).items():
         if v is not None:
             d[k] = v
@@ -77,12 +73,12 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
 
 def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int | None = None,
                final_cg_iters: int | None = None, sigma_max: float | None = None, eta: float | None = None,
-               sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None):
+               sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None):
     """Fast solver: Tweedie + CG + re-noising (DDS-style), n_steps network evaluations."""
     p = _prior(prior, y.device)
     _check_2d(op)
     d = {"n_steps": 100, "cg_iters": 10, "final_cg_iters": None, "sigma_max": 3.0, "eta": 1.0,
-         **_defaults(p, "score-fast", op)}
+         **_defaults(p, "score-fast", op, task)}
     for k, v in dict(n_steps=n_steps, cg_iters=cg_iters, final_cg_iters=final_cg_iters, sigma_max=sigma_max,
                      eta=eta).items():
         if v is not None:
@@ -95,11 +91,11 @@ def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int |
 
 
 def dps(y, op, *, prior=None, n_steps: int | None = None, zeta: float | None = None, sigma_max: float | None = None,
-        sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None):
+        sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None):
     """Diffusion posterior sampling (Chung et al. 2023)."""
     p = _prior(prior, y.device)
     _check_2d(op)
-    d = {"n_steps": 500, "zeta": 1.0, "sigma_max": 10.0, **_defaults(p, "dps", op)}
+    d = {"n_steps": 500, "zeta": 1.0, "sigma_max": 10.0, **_defaults(p, "dps", op, task)}
     for k, v in dict(n_steps=n_steps, zeta=zeta, sigma_max=sigma_max).items():
         if v is not None:
             d[k] = v
@@ -118,9 +114,3 @@ def sample_posterior(method, y, op, k: int, **options):
     x = x.reshape(b, k, *x.shape[1:])
     x = x.abs() if x.is_complex() else x
     return x.mean(1), (x.std(1) if k > 1 else torch.zeros_like(x[:, 0]))
-
-
-SCORE_METHODS = ("score", "score-fast", "dps")
-register("score", score_pc, supports=any_operator, applies_to="any operator with a decompose() (CT, MRI, inpainting)")
-register("score-fast", score_fast, supports=any_operator, applies_to="any operator")
-register("dps", dps, supports=any_operator, applies_to="any operator")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from forward_models import (MRI_MASKS, Adjoint, CartesianMRI, Compose, FanBeamCT, Inpainting,
-                            ParallelBeamCT, RandomPixelMask, Scaled, SenseMRI, views)
+                            ParallelBeamCT, RandomPixelMask, Scaled, SenseMRI, view_angles)
 
 
 
@@ -59,33 +59,33 @@ def _maps(C=4, H=32, W=24, seed=0):
 
 
 FACTORIES = {
-    "ct-parallel-sparse23-even": lambda: ParallelBeamCT(32, views(23)),
-    "ct-parallel-sparse23-odd": lambda: ParallelBeamCT(33, views(23)),
-    "ct-parallel-limited-angle": lambda: ParallelBeamCT(32, views(40, arc_deg=120)),
+    "ct-parallel-sparse23-even": lambda: ParallelBeamCT(32, view_angles(23)),
+    "ct-parallel-sparse23-odd": lambda: ParallelBeamCT(33, view_angles(23)),
+    "ct-parallel-limited-angle": lambda: ParallelBeamCT(32, view_angles(40, arc_deg=120)),
     "ct-parallel-random-angles": lambda: ParallelBeamCT(
         31, torch.rand(17, generator=torch.Generator().manual_seed(3)) * math.pi),
-    "ct-parallel-det-spacing": lambda: ParallelBeamCT(32, views(30), n_det=25, det_spacing=1.7),
+    "ct-parallel-det-spacing": lambda: ParallelBeamCT(32, view_angles(30), n_det=25, det_spacing=1.7),
     "ct-parallel-skimage-geometry": lambda: ParallelBeamCT.like_skimage(30, range(0, 180, 7)),
-    "ct-parallel-folded-180-odd": lambda: ParallelBeamCT(33, views(180)),
-    "ct-parallel-folded-360": lambda: ParallelBeamCT(32, views(16, arc_deg=360)),
-    "ct-parallel-matrix-free": lambda: ParallelBeamCT(32, views(23), backend="matrix-free"),
-    "ct-parallel-budget-fallback": lambda: ParallelBeamCT(33, views(23), memory_budget=0),
-    "ct-fan": lambda: FanBeamCT(32, views(36, arc_deg=360), 60, 100),
-    "ct-fan-odd-short-scan": lambda: FanBeamCT(33, views(25, arc_deg=220), 50, 90, n_det=41),
-    "ct-fan-matrix-free": lambda: FanBeamCT(32, views(36, arc_deg=360), 60, 100, backend="matrix-free"),
+    "ct-parallel-folded-180-odd": lambda: ParallelBeamCT(33, view_angles(180)),
+    "ct-parallel-folded-360": lambda: ParallelBeamCT(32, view_angles(16, arc_deg=360)),
+    "ct-parallel-matrix-free": lambda: ParallelBeamCT(32, view_angles(23), backend="matrix-free"),
+    "ct-parallel-budget-fallback": lambda: ParallelBeamCT(33, view_angles(23), memory_budget=0),
+    "ct-fan": lambda: FanBeamCT(32, view_angles(36, arc_deg=360), 60, 100),
+    "ct-fan-odd-short-scan": lambda: FanBeamCT(33, view_angles(25, arc_deg=220), 50, 90, n_det=41),
+    "ct-fan-matrix-free": lambda: FanBeamCT(32, view_angles(36, arc_deg=360), 60, 100, backend="matrix-free"),
     **{f"mri-cartesian-{k}": (lambda k=k: CartesianMRI(_mask(k))) for k in MRI_MASKS},
     "mri-sense": lambda: SenseMRI(_maps(), _mask("equispaced")),
     "inpaint": lambda: Inpainting(RandomPixelMask(0.3)((20, 18), seed=2)),
-    "compose-ct-inpaint": lambda: Compose(ParallelBeamCT(24, views(15)),
+    "compose-ct-inpaint": lambda: Compose(ParallelBeamCT(24, view_angles(15)),
                                           Inpainting(RandomPixelMask(0.5)((24, 24)))),
     "compose-matmul-mri": lambda: CartesianMRI(_mask("random")) @ Inpainting(torch.ones(32, 24)),
     "scaled-mri": lambda: Scaled(CartesianMRI(_mask("gaussian2d")), 2.5),
-    "scaled-rmul-ct": lambda: 0.5 * ParallelBeamCT(24, views(10)),
-    "adjoint-ct": lambda: ParallelBeamCT(24, views(11)).H,
+    "scaled-rmul-ct": lambda: 0.5 * ParallelBeamCT(24, view_angles(10)),
+    "adjoint-ct": lambda: ParallelBeamCT(24, view_angles(11)).H,
     "adjoint-sense": lambda: Adjoint(SenseMRI(_maps(C=3), _mask("poisson"))),
-    "decompose-T-ct-sparse": lambda: ParallelBeamCT(32, views(23)).decompose().T,
-    "decompose-T-ct-limited": lambda: ParallelBeamCT(32, views(40, arc_deg=120)).decompose().T,
-    "decompose-T-fan": lambda: FanBeamCT(32, views(36, arc_deg=360), 60, 100).decompose().T,
+    "decompose-T-ct-sparse": lambda: ParallelBeamCT(32, view_angles(23)).decompose().T,
+    "decompose-T-ct-limited": lambda: ParallelBeamCT(32, view_angles(40, arc_deg=120)).decompose().T,
+    "decompose-T-fan": lambda: FanBeamCT(32, view_angles(36, arc_deg=360), 60, 100).decompose().T,
     "decompose-T-mri": lambda: CartesianMRI(_mask("equispaced")).decompose().T,
     "decompose-T-sense": lambda: SenseMRI(_maps(), _mask("random")).decompose().T,
     "decompose-T-inpaint": lambda: Inpainting(RandomPixelMask(0.3)((20, 18))).decompose().T,

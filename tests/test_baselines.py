@@ -30,7 +30,7 @@ class DenseOp(LinearOperator):
         self.register_buffer("M", torch.as_tensor(M))
         self.is_complex_input = self.M.is_complex()
 
-    def _apply(self, x):
+    def _forward(self, x):
         M = self.M.to(x.device)
         if not M.is_complex():
             M = M.to(x.dtype)
@@ -73,7 +73,7 @@ class MaskedFFT(LinearOperator):
         super().__init__(mask.shape, mask.shape)
         self.register_buffer("mask", mask)
 
-    def _apply(self, x):
+    def _forward(self, x):
         return self.mask.to(x.real.dtype) * torch.fft.fft2(x, norm="ortho")
 
     def _adjoint(self, y):
@@ -88,7 +88,7 @@ class MaskOp(LinearOperator):
         super().__init__(mask.shape, mask.shape)
         self.register_buffer("mask", mask)
 
-    def _apply(self, x):
+    def _forward(self, x):
         return self.mask.to(x.dtype) * x
 
     def _adjoint(self, y):
@@ -191,7 +191,7 @@ def test_sparse_view_tv_beats_adjoint_and_least_squares():
     y = op.A(x_true)
     y = y + 0.01 * y.abs().max() * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
     x_adj = best_scaled(bl.zero_filled(y, op), x_true)  # back-projection, optimally scaled
-    x_ls = bl.cg_least_squares(y, op, n_iter=30)
+    x_ls = bl.cgls(y, op, n_iter=30)
     x_tv = bl.tv(y, op, lam=2e-3, n_iter=500, clip=(0, 1))
     p_adj = psnr(x_adj, x_true, 1.0)
     p_ls = psnr(x_ls, x_true, 1.0)
@@ -256,7 +256,7 @@ def test_cgls_recovers_well_conditioned(complex_):
     op = DenseOp(M, shape, (m,))
     x = torch.randn(3, *shape, generator=g, dtype=torch.float64).to(dt)
     y = op.A(x)
-    xr = bl.cg_least_squares(y, op, n_iter=100)
+    xr = bl.cgls(y, op, n_iter=100)
     assert xr.dtype == dt
     assert (xr - x).abs().max() < 1e-8
     # damped: matches the augmented least-squares solution (scipy lsqr convention)
@@ -264,7 +264,7 @@ def test_cgls_recovers_well_conditioned(complex_):
     aug = torch.cat([M, damp * torch.eye(30, dtype=M.dtype)])
     rhs = torch.cat([y.flatten(1).T, torch.zeros(30, 3, dtype=y.dtype)])
     ref = torch.linalg.lstsq(aug, rhs).solution.T.reshape(3, *shape)
-    xd = bl.cg_least_squares(y, op, n_iter=100, damp=damp)
+    xd = bl.cgls(y, op, n_iter=100, damp=damp)
     assert (xd - ref).abs().max() < 1e-8
 
 
@@ -360,7 +360,7 @@ def test_sense_adjoint_normalises_by_coil_energy():
             super().__init__(maps.shape[-2:], maps.shape)
             self.register_buffer("maps", maps)
 
-        def _apply(self, x):
+        def _forward(self, x):
             return torch.fft.fft2(self.maps * x[:, None], norm="ortho")
 
         def _adjoint(self, y):
@@ -469,7 +469,7 @@ def test_register_custom_method():
         methods.METHODS.pop("toy-test", None)
 
 
-@pytest.mark.parametrize("fn", [bl.sirt, bl.tv, bl.zero_filled, bl.cg_least_squares, bl.biharmonic])
+@pytest.mark.parametrize("fn", [bl.sirt, bl.tv, bl.zero_filled, bl.cgls, bl.biharmonic])
 def test_bad_measurements_raise_valueerror(fn):
     op = MaskOp(torch.ones(6, 6))
     bad = torch.zeros(1, 6, 6)

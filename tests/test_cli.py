@@ -172,18 +172,17 @@ def test_ct_noise_models_report_sigma_y(phantom, tmp_path, capsys):
 
 def test_ct_poisson_is_unbiased_in_image_units():
     """y from --photons is in A(x) units: its mean over many rays follows the clean sinogram."""
-    import argparse
-
-    from forward_models import ParallelBeamCT, views
-    from recon.tasks import TASKS, Source
+    from forward_models import ParallelBeamCT
+    from recon.acquisition import CTAcquisition
+    from recon.case import Source
+    from recon.tasks import TASKS
 
     task = TASKS["ct"]
     src = Source(image=_phantom() * 1000 - 1000, path="x.npy", fmt="image", dx=1.0)
     truth = task.prepare(src, None, (-1000, 1000), "hu")
-    op = ParallelBeamCT(32, views(8))
-    args = argparse.Namespace(photons=1e6, noise=None)
-    meas = task.simulate(truth, op, args, torch.Generator().manual_seed(0))
-    clean = op.A(torch.from_numpy(truth.x)[None])
+    meas = task.simulate(truth, CTAcquisition(views=8, photons=1e6), "cpu", seed=0)
+    assert isinstance(meas.op, ParallelBeamCT) and meas.info["model"] == "poisson"
+    clean = meas.op.A(truth.batch())
     assert float((meas.y - clean).mean().abs()) < 0.1 * meas.sigma_y
     assert meas.sigma_y > 0
 
@@ -426,7 +425,7 @@ def test_demo_skips_unshipped_prior(tmp_path, capsys, monkeypatch):
 # parameters
 # ---------------------------------------------------------------------------
 def test_param_parsing():
-    from recon.harness import parse_params, parse_value
+    from recon.execute import parse_params, parse_value
 
     assert parse_value("3") == 3 and parse_value("1e-3") == 1e-3 and parse_value("True") is True
     assert parse_value("none") is None and parse_value("0,1") == (0, 1) and parse_value("db4") == "db4"

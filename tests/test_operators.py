@@ -7,10 +7,11 @@ import torch
 from skimage.data import shepp_logan_phantom
 from skimage.transform import iradon, radon, resize
 
-from forward_models import (INPAINT_MASKS, MRI_MASKS, BoxMask, CartesianMRI, EquispacedMask,
-                            FanBeamCT, FFT2c, GaussianNoise, Inpainting, ParallelBeamCT,
-                            PoissonNoise, RandomMask, SenseMRI, estimate_sensitivity_maps, fft2c,
-                            ifft2c, views)
+from forward_models import (INPAINT_MASKS, MRI_MASKS, BoxMask, CartesianMRI, Compose,
+                            EquispacedMask, FanBeamCT, FFT2c, GaussianNoise, Identity, Inpainting,
+                            LinearOperator, ParallelBeamCT, PoissonNoise, RandomMask, SenseMRI,
+                            complex_dtype, estimate_sensitivity_maps, fft2c, ifft2c,
+                            inpainting_mask, operator_kind, real_dtype, view_angles)
 from recon.fbp import fbp
 
 
@@ -45,7 +46,7 @@ def test_radians_helpers():
     op = ParallelBeamCT.from_degrees(16, [0, 45, 90])
     torch.testing.assert_close(op.angles, torch.tensor([0, math.pi / 4, math.pi / 2], dtype=torch.float64))
     assert op.n_det == math.ceil(math.sqrt(2) * 16)
-    torch.testing.assert_close(views(4, arc_deg=360), torch.tensor([0, 0.5, 1, 1.5], dtype=torch.float64) * math.pi)
+    torch.testing.assert_close(view_angles(4, arc_deg=360), torch.tensor([0, 0.5, 1, 1.5], dtype=torch.float64) * math.pi)
 
 
 def test_geometry_orientation():
@@ -74,8 +75,8 @@ def test_fbp_matches_iradon(filt):
 def test_fbp_fan_beam_close_to_parallel():
     n = 64
     img = torch.from_numpy(_phantom(n))[None]
-    fan = FanBeamCT(n, views(240, arc_deg=360), 110, 190)
-    par = ParallelBeamCT(n, views(120))
+    fan = FanBeamCT(n, view_angles(240, arc_deg=360), 110, 190)
+    par = ParallelBeamCT(n, view_angles(120))
     rec_fan = fbp(fan.A(img), fan)[0].numpy()
     rec_par = fbp(par.A(img), par)[0].numpy()
     inside = _disc(n)
@@ -86,20 +87,20 @@ def test_fbp_fan_beam_close_to_parallel():
 def test_fan_central_ray_is_parallel_ray():
     n = 32
     img = torch.from_numpy(_phantom(n))[None]
-    fan = FanBeamCT(n, views(12, arc_deg=360), 80, 120, n_det=31)
-    par = ParallelBeamCT(n, views(12, arc_deg=360), n_det=1)
+    fan = FanBeamCT(n, view_angles(12, arc_deg=360), 80, 120, n_det=31)
+    par = ParallelBeamCT(n, view_angles(12, arc_deg=360), n_det=1)
     torch.testing.assert_close(fan.A(img)[0, :, 15], par.A(img)[0, :, 0])
 
 
 def test_matrix_free_equals_matrix():
     x = torch.randn(2, 33, 33, dtype=torch.float64)
-    a = ParallelBeamCT(33, views(19), backend="matrix").A(x)
-    b = ParallelBeamCT(33, views(19), backend="matrix-free").A(x)
+    a = ParallelBeamCT(33, view_angles(19), backend="matrix").A(x)
+    b = ParallelBeamCT(33, view_angles(19), backend="matrix-free").A(x)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,angles", [(33, views(180)), (32, views(16, arc_deg=360)),
-                                      (31, views(45, arc_deg=135))])
+@pytest.mark.parametrize("n,angles", [(33, view_angles(180)), (32, view_angles(16, arc_deg=360)),
+                                      (31, view_angles(45, arc_deg=135))])
 def test_symmetry_folding_equals_direct_weights(n, angles):
     folded = ParallelBeamCT(n, angles)
     assert folded.folded and not ParallelBeamCT(n, angles, fold=False).folded
@@ -112,18 +113,18 @@ def test_symmetry_folding_equals_direct_weights(n, angles):
 
 def test_matrix_cache_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("RECON_CACHE_DIR", str(tmp_path))
-    first = ParallelBeamCT(20, views(9))
+    first = ParallelBeamCT(20, view_angles(9))
     assert first.projector.source == "built" and list(tmp_path.glob("*.npz"))
-    second = ParallelBeamCT(20, views(9))
+    second = ParallelBeamCT(20, view_angles(9))
     assert second.projector.source == "cache"
     x = torch.randn(1, 20, 20)
     torch.testing.assert_close(first.A(x), second.A(x))
-    assert ParallelBeamCT(20, views(9), det_spacing=1.1).projector.source == "built"
+    assert ParallelBeamCT(20, view_angles(9), det_spacing=1.1).projector.source == "built"
 
 
 def test_cgls_inverse_recovers_image():
     n = 32
-    op = ParallelBeamCT(n, views(180))
+    op = ParallelBeamCT(n, view_angles(180))
     x = torch.from_numpy(_phantom(n))[None].repeat(2, 1, 1)
     x[1] = x[1].flip(-1)
     rec = op.inverse(op.A(x), n_iter=150)
@@ -134,10 +135,10 @@ def test_cgls_inverse_recovers_image():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: ParallelBeamCT(32, views(23)),
-    lambda: ParallelBeamCT(32, views(40, arc_deg=120)),
+    lambda: ParallelBeamCT(32, view_angles(23)),
+    lambda: ParallelBeamCT(32, view_angles(40, arc_deg=120)),
     lambda: ParallelBeamCT(32, [0.3, 1.0, 2.9, 0.1]),
-    lambda: FanBeamCT(32, views(30, arc_deg=360), 60, 100),
+    lambda: FanBeamCT(32, view_angles(30, arc_deg=360), 60, 100),
 ])
 def test_ct_decompose(make):
     op = make()
@@ -149,10 +150,10 @@ def test_ct_decompose(make):
 
 
 def test_ct_full_view_sets():
-    assert ParallelBeamCT(16, views(23)).decompose().T.n_views == 184
-    assert ParallelBeamCT(16, views(60, arc_deg=120)).decompose().T.n_views == 180
-    assert ParallelBeamCT(16, views(90)).decompose(full_views=360).T.n_views == 360
-    assert FanBeamCT(16, views(40, arc_deg=360), 40, 60).decompose().T.n_views == 360
+    assert ParallelBeamCT(16, view_angles(23)).decompose().T.n_views == 184
+    assert ParallelBeamCT(16, view_angles(60, arc_deg=120)).decompose().T.n_views == 180
+    assert ParallelBeamCT(16, view_angles(90)).decompose(full_views=360).T.n_views == 360
+    assert FanBeamCT(16, view_angles(40, arc_deg=360), 40, 60).decompose().T.n_views == 360
 
 
 # --- MRI --------------------------------------------------------------------
@@ -290,7 +291,7 @@ def test_noise_models_are_seeded():
 
 # --- errors -----------------------------------------------------------------
 def test_value_errors():
-    ct = ParallelBeamCT(16, views(5))
+    ct = ParallelBeamCT(16, view_angles(5))
     with pytest.raises(ValueError, match=r"expected \(B, 16, 16\)"):
         ct.A(torch.zeros(1, 16, 15))
     with pytest.raises(ValueError, match="expected"):
@@ -304,9 +305,9 @@ def test_value_errors():
     with pytest.raises(ValueError, match="real"):
         ct.A(torch.zeros(1, 16, 16, dtype=torch.complex64))
     with pytest.raises(ValueError, match="source"):
-        FanBeamCT(16, views(5), source_distance=5, detector_distance=20)
+        FanBeamCT(16, view_angles(5), source_distance=5, detector_distance=20)
     with pytest.raises(ValueError, match="backend"):
-        ParallelBeamCT(16, views(5), backend="nope")
+        ParallelBeamCT(16, view_angles(5), backend="nope")
     with pytest.raises(ValueError, match="filter"):
         fbp(ct.A(torch.zeros(1, 16, 16)), ct, filter="nope")
     with pytest.raises(ValueError, match=r"expected \(20, 20\)"):
@@ -330,9 +331,9 @@ def test_value_errors():
 # --- dtype / device ---------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("make", [
-    lambda: ParallelBeamCT(16, views(7)),
-    lambda: ParallelBeamCT(16, views(7), backend="matrix-free"),
-    lambda: FanBeamCT(16, views(7, arc_deg=360), 30, 50),
+    lambda: ParallelBeamCT(16, view_angles(7)),
+    lambda: ParallelBeamCT(16, view_angles(7), backend="matrix-free"),
+    lambda: FanBeamCT(16, view_angles(7, arc_deg=360), 30, 50),
     lambda: Inpainting(torch.ones(16, 16)),
     lambda: CartesianMRI(torch.ones(16, 16)),
     lambda: SenseMRI(torch.ones(2, 16, 16, dtype=torch.complex64)),
@@ -348,7 +349,7 @@ def test_dtype_follows_input(make, dtype):
 
 
 def test_module_conversions_move_buffers():
-    op = ParallelBeamCT(16, views(5))
+    op = ParallelBeamCT(16, view_angles(5))
     assert op.to("cpu") is op and op.double() is op
     x = torch.rand(1, 16, 16, dtype=torch.float64)
     assert op.A(x).dtype == torch.float64
@@ -359,8 +360,97 @@ def test_module_conversions_move_buffers():
     assert mri.H.norm_estimate(n_iter=3) == pytest.approx(1.0)
 
 
+def test_conversions_reach_nested_operators():
+    """``_forward`` is the operator hook; ``nn.Module._apply`` (behind .to/.double) is untouched."""
+    inner = Inpainting(torch.ones(8, 8))
+    op = Compose(CartesianMRI(torch.ones(8, 8)), inner)
+    assert op.double() is op and inner.mask.dtype == torch.float64
+    assert op.outer.mask.dtype == torch.float64
+    assert not hasattr(LinearOperator, "_apply_op") and LinearOperator._apply is torch.nn.Module._apply
+    x = torch.rand(1, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(op._forward(x), op.A(x))
+
+
+def test_complex_and_real_dtype():
+    assert complex_dtype(torch.float32) == torch.complex64
+    assert complex_dtype(torch.float64) == torch.complex128
+    assert complex_dtype(torch.float16) == torch.complex32
+    assert complex_dtype(torch.bfloat16) == torch.complex64  # no complex bfloat16
+    assert complex_dtype(torch.complex128) == torch.complex128
+    assert real_dtype(torch.complex64) == torch.float32 and real_dtype(torch.complex128) == torch.float64
+    assert real_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="no complex dtype"):
+        complex_dtype(torch.int64)
+
+
+# --- operator kinds -----------------------------------------------------------
+class _PixelMask(LinearOperator):
+    """A pixel mask that is not an ``Inpainting``: recognised by its structure."""
+
+    def __init__(self, mask):
+        super().__init__(mask.shape, mask.shape)
+        self.register_buffer("mask", mask)
+
+    def _forward(self, x):
+        return self.mask.to(x.dtype) * x
+
+    def _adjoint(self, y):
+        return self.mask.to(y.dtype) * y
+
+
+class _ComplexDense(LinearOperator):
+    is_complex_input = True
+
+    def __init__(self):
+        super().__init__((4,), (4,))
+
+    def _forward(self, x):
+        return x
+
+    def _adjoint(self, y):
+        return y
+
+
+@pytest.mark.parametrize("make,kind", [
+    (lambda: ParallelBeamCT(16, view_angles(7)), "ct"),
+    (lambda: ParallelBeamCT(16, view_angles(7), backend="matrix-free"), "ct"),
+    (lambda: FanBeamCT(16, view_angles(7, arc_deg=360), 30, 50), "ct"),
+    (lambda: ParallelBeamCT(16, view_angles(7)).decompose().T, "ct"),
+    (lambda: CartesianMRI(MRI_MASKS["equispaced"](acceleration=4, center_fraction=0.1)((16, 16), seed=0)), "mri"),
+    (lambda: SenseMRI(torch.ones(2, 16, 16, dtype=torch.complex64)), "mri"),
+    (lambda: FFT2c((16, 16)), "mri"),
+    (lambda: CartesianMRI(torch.ones(16, 16)).decompose().T, "mri"),
+    (lambda: Inpainting(INPAINT_MASKS["box"]()((16, 16), seed=0)), "inpaint"),
+    (lambda: _PixelMask((torch.rand(8, 8) > 0.5).double()), "inpaint"),
+    (lambda: _ComplexDense(), "mri"),                              # complex input
+    (lambda: Compose(CartesianMRI(torch.ones(8, 8)), Inpainting(torch.ones(8, 8))), None),
+    (lambda: Compose(Inpainting(torch.ones(8, 8)), CartesianMRI(torch.ones(8, 8))), "mri"),
+    (lambda: Compose(ParallelBeamCT(8, view_angles(5)), Inpainting(torch.ones(8, 8))), None),
+    (lambda: 0.5 * ParallelBeamCT(8, view_angles(5)), None),
+    (lambda: ParallelBeamCT(8, view_angles(5)).H, None),
+    (lambda: Identity((8, 8)), None),
+])
+def test_operator_kind(make, kind):
+    op = make()
+    assert operator_kind(op) == kind
+    assert (inpainting_mask(op) is not None) == (kind == "inpaint")
+
+
+def test_operator_kind_class_attribute():
+    assert LinearOperator.modality is None and Identity.modality is None
+    assert ParallelBeamCT.modality == FanBeamCT.modality == "ct"
+    assert FFT2c.modality == CartesianMRI.modality == SenseMRI.modality == "mri"
+    assert Inpainting.modality == "inpaint"
+
+    class Custom(Identity):
+        modality = "CT"
+
+    assert operator_kind(Custom((4, 4))) == "ct"
+    assert operator_kind(object()) is None
+
+
 def test_fbp_dtype_and_batch():
-    op = ParallelBeamCT(24, views(30))
+    op = ParallelBeamCT(24, view_angles(30))
     x = torch.rand(3, 24, 24)
     rec = fbp(op.A(x), op)
     assert rec.shape == (3, 24, 24) and rec.dtype == torch.float32
@@ -369,7 +459,7 @@ def test_fbp_dtype_and_batch():
 
 @pytest.mark.parametrize("n_views,folded", [(9, False), (16, True)])
 def test_ct_gradients_flow(n_views, folded):
-    op = ParallelBeamCT(20, views(n_views))
+    op = ParallelBeamCT(20, view_angles(n_views))
     assert op.folded == folded
     x = torch.rand(2, 20, 20, requires_grad=True)
     y = torch.rand(2, *op.out_shape)
@@ -381,6 +471,6 @@ def test_ct_gradients_flow(n_views, folded):
 def test_astra_backend_matches_matrix():
     pytest.importorskip("astra")
     x = torch.rand(1, 24, 24, dtype=torch.float64)
-    a = ParallelBeamCT(24, views(13), backend="astra").A(x)
-    b = ParallelBeamCT(24, views(13)).A(x)
+    a = ParallelBeamCT(24, view_angles(13), backend="astra").A(x)
+    b = ParallelBeamCT(24, view_angles(13)).A(x)
     assert _rel(a, b) < 1e-4

@@ -63,10 +63,10 @@ def test_dds_and_dps_approach_posterior_mean():
 
 def test_dds_final_cg_iterations_enforce_noise_free_data():
     """More CG iterations at the last level (nothing re-noised after it) fit the data more closely."""
-    from forward_models import ParallelBeamCT, views
+    from forward_models import ParallelBeamCT, view_angles
 
     prior, _, _ = correlated_gaussian(8, 8)
-    op = ParallelBeamCT(8, views(4))
+    op = ParallelBeamCT(8, view_angles(4))
     g = torch.Generator().manual_seed(5)
     x = 0.5 + 0.1 * torch.randn(1, 8, 8, generator=g, dtype=torch.float64)
     y = op.A(x)
@@ -130,25 +130,25 @@ def test_likelihood_of_gaussian_matches_closed_form():
     assert torch.isfinite(bpd).all()
 
 
-def test_cg_data_step_stable_on_projection_operator():
+def test_cgls_data_step_stable_on_projection_operator():
     """A^H A of a masked FFT is a projector: CG converges in a step or two and must then stay put."""
     from forward_models import CartesianMRI, MRI_MASKS
-    from recon.samplers import cg_data_step
+    from recon.samplers import cgls_data_step
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 32, 32, generator=g)
     op = CartesianMRI(MRI_MASKS["equispaced"](acceleration=4, center_fraction=0.08)((32, 32), seed=0).mask)
     y = op.A(x.to(torch.complex64))
     x0 = x + 0.05 * torch.randn(x.shape, generator=g)
-    a = cg_data_step(op, y, x0, n_iter=2)
-    b = cg_data_step(op, y, x0, n_iter=50)
+    a = cgls_data_step(op, y, x0, n_iter=2)
+    b = cgls_data_step(op, y, x0, n_iter=50)
     assert torch.isfinite(b).all() and (a - b).abs().max() < 1e-4
     assert (op.A(b.to(torch.complex64)) - y).abs().norm() < 1e-3 * y.abs().norm()
 
 
-def test_cg_data_step_damped_toward_x0_matches_closed_form():
+def test_cgls_data_step_damped_toward_x0_matches_closed_form():
     """Inpainting is diagonal: argmin ||m x - y||^2 + d ||x - x0||^2 = (m y + d x0) / (m + d) per pixel."""
-    from recon.samplers import cg_data_step
+    from recon.samplers import cgls_data_step
 
     g = torch.Generator().manual_seed(1)
     mask = (torch.rand(16, 16, generator=g) > 0.5).double()
@@ -157,7 +157,7 @@ def test_cg_data_step_damped_toward_x0_matches_closed_form():
     y = op.A(x)
     x0 = torch.rand(2, 16, 16, generator=g, dtype=torch.float64)
     d = 0.3
-    out = cg_data_step(op, y, x0, n_iter=20, damp=d)
+    out = cgls_data_step(op, y, x0, n_iter=20, damp=d)
     ref = (mask * op.AH(y) + d * x0) / (mask + d)
     assert (out - ref).abs().max() < 1e-10
 
@@ -170,3 +170,81 @@ def test_euler_maruyama_predictor_matches_prior_moments():
     flat = x.reshape(len(x), -1)
     assert (flat.mean(0) - mean).abs().max() < 0.02
     assert (torch.cov(flat.T) - cov).abs().max() < 0.01
+
+
+# ---------------------------------------------------------------------------
+# injected schedules and starting samples (k-diffusion style)
+# ---------------------------------------------------------------------------
+def test_dds_explicit_default_schedule_and_start_are_bit_identical():
+    from recon.samplers import karras_sigmas
+
+    prior, op, y, _ = _setup()
+    y = y.expand(4, 3, 3)
+    kw = dict(n_steps=12, sigma_max=3.0, sigma_min=0.002, rho=7.0, clip=None)
+    ref = dds_sample(y, op, prior, generator=torch.Generator().manual_seed(3), **kw)
+    sig = karras_sigmas(12, 0.002, 3.0, 7.0)
+    for s in (sig, torch.cat([sig, sig.new_zeros(1)])):  # the trailing 0 is optional
+        out = dds_sample(y, op, prior, generator=torch.Generator().manual_seed(3), sigmas=s, **kw)
+        assert torch.equal(out, ref)
+    # the same start drawn by hand, then the same generator continues: identical
+    g = torch.Generator().manual_seed(3)
+    x_init = torch.randn((4, 3, 3), generator=g, dtype=torch.float64) * float(sig[0])
+    out = dds_sample(y, op, prior, generator=g, sigmas=sig, x_init=x_init, **kw)
+    assert torch.equal(out, ref)
+    # another start changes the result; with no steps the start is returned as is
+    other = dds_sample(y, op, prior, generator=torch.Generator().manual_seed(3), x_init=x_init + 0.5, **kw)
+    assert not torch.equal(other, ref)
+    x0 = torch.full((4, 3, 3), 0.25, dtype=torch.float64)
+    assert torch.equal(dds_sample(y, op, prior, sigmas=torch.zeros(0), x_init=x0), x0)
+
+
+def test_pc_explicit_default_timesteps_and_start_are_bit_identical():
+    from recon.samplers import sde_timesteps
+
+    prior, op, y, _ = _setup()
+
+    def run(**kw):
+        g = torch.Generator().manual_seed(11)
+        dc = ProjectionConsistency(y.expand(3, 3, 3), op, generator=g)
+        return pc_sample(prior, (3, 3, 3), n_steps=15, eps=1e-3, consistency=dc, generator=g,
+                         dtype=torch.float64, **kw)
+
+    ref = run()
+    ts = sde_timesteps(prior.sde, 15, 1e-3)
+    assert torch.equal(ts, prior.sde.timesteps(15, 1e-3))
+    assert torch.equal(run(timesteps=ts), ref)
+    assert torch.equal(run(timesteps=ts.tolist()), ref)
+    other = run(x_init=torch.zeros(3, 3, 3, dtype=torch.float64))
+    assert other.shape == ref.shape and not torch.equal(other, ref)
+    # a shorter custom schedule runs one step per time
+    seen = []
+    run(timesteps=ts[::5], callback=lambda i, u: seen.append(i))
+    assert seen == [0, 1, 2]
+
+
+def test_dps_and_ode_accept_injected_schedule_and_start():
+    from recon.samplers import karras_sigmas
+
+    prior, op, y, _ = _setup()
+    ref = dps_sample(y, op, prior, n_steps=8, zeta=0.3, generator=torch.Generator().manual_seed(2))
+    out = dps_sample(y, op, prior, n_steps=999, zeta=0.3, generator=torch.Generator().manual_seed(2),
+                     sigmas=karras_sigmas(8, 0.002, 10.0))
+    assert torch.equal(out, ref)
+    ref = ode_sample(prior, (2, 3, 3), n_steps=6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = ode_sample(prior, (2, 3, 3), generator=torch.Generator().manual_seed(4), dtype=torch.float64,
+                     sigmas=karras_sigmas(6, 0.002, 20.0, 7.0))
+    assert torch.equal(out, ref)
+    x0 = torch.rand(2, 3, 3, dtype=torch.float64)
+    assert torch.equal(ode_sample(prior, (2, 3, 3), sigmas=[], x_init=x0, dtype=torch.float64), x0)
+
+
+def test_injected_schedule_and_start_are_validated():
+    prior, op, y, _ = _setup()
+    with pytest.raises(ValueError, match="descending"):
+        dds_sample(y, op, prior, sigmas=torch.tensor([0.1, 1.0]))
+    with pytest.raises(ValueError, match="positive"):
+        dds_sample(y, op, prior, sigmas=torch.tensor([1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="x_init has shape"):
+        dds_sample(y, op, prior, x_init=torch.zeros(2, 3, 3))
+    with pytest.raises(ValueError, match="timesteps"):
+        pc_sample(prior, (1, 3, 3), timesteps=torch.tensor([1.0, 0.0]))

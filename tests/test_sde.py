@@ -39,11 +39,34 @@ def test_prior_sample_and_logp():
     assert lp.item() == pytest.approx(-math.log(2 * math.pi * 9.0), rel=1e-9)
 
 
-def test_reverse_probability_flow_has_no_diffusion():
-    sde = VPSDE()
-    rsde = sde.reverse(lambda x, t: -x, probability_flow=True)
-    drift, diff = rsde(torch.ones(2, 3), torch.tensor([0.5, 0.5]))
-    assert torch.all(diff == 0) and drift.shape == (2, 3)
+@pytest.mark.parametrize("sde", [VESDE(0.01, 5.0), VPSDE(0.1, 20.0), SubVPSDE(0.1, 20.0)], ids=["ve", "vp", "subvp"])
+def test_reverse_probability_flow_has_no_diffusion(sde):
+    def score(x, t):  # a known, x- and t-dependent score
+        return -x * (1 + t.reshape(-1, 1, 1)) + 0.3
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    f, gt = sde.sde(x, t)
+    # f and g in closed form (Song et al. 2021, eqs. 30-34)
+    if isinstance(sde, VESDE):
+        sig = sde.sigma_min * (sde.sigma_max / sde.sigma_min) ** t
+        f_exp, g_exp = torch.zeros_like(x), sig * math.sqrt(2 * math.log(sde.sigma_max / sde.sigma_min))
+    else:
+        beta = sde.beta_min + t * (sde.beta_max - sde.beta_min)
+        f_exp, g_exp = -0.5 * beta.reshape(-1, 1, 1) * x, beta.sqrt()
+        if isinstance(sde, SubVPSDE):
+            g_exp = g_exp * (1 - torch.exp(-2 * (sde.beta_min * t + 0.5 * (sde.beta_max - sde.beta_min) * t**2))).sqrt()
+    assert torch.allclose(f, f_exp, rtol=1e-12, atol=1e-12) and torch.allclose(gt, g_exp, rtol=1e-12)
+    g2 = gt.reshape(-1, 1, 1) ** 2
+
+    drift, diff = sde.reverse(score, probability_flow=True)(x, t)
+    assert torch.equal(diff, torch.zeros_like(diff))
+    assert torch.allclose(drift, f - 0.5 * g2 * score(x, t), rtol=1e-12, atol=1e-12)
+
+    # the reverse SDE keeps g(t) and uses the full score
+    drift, diff = sde.reverse(score)(x, t)
+    assert torch.allclose(diff, gt) and torch.allclose(drift, f - g2 * score(x, t), rtol=1e-12, atol=1e-12)
 
 
 def test_config_round_trip_and_errors():

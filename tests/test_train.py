@@ -147,7 +147,8 @@ def test_torchrun_two_process_gloo(tmp_path):
     data = _write_pngs(tmp_path / "data")
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    # --standalone: a local c10d rendezvous on a port the OS picks (localhost:0), so no fixed port can clash
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "recon.cli", "train", "--data", str(data), "--modality", "mri", "--size", "16", "--patch", "8",
            "--steps", "4", "--batch", "2", "--base", "8", "--mults", "1,2", "--out", str(out), "--quiet",
            "--device", "cpu", "--checkpoint-every", "2"]

@@ -1,0 +1,289 @@
+"""Running planned methods on a measurement: options, priors, timing, progress.
+
+* :class:`RunSettings` -- the method side of a run (methods, ``--param``
+  options, prior, working size, posterior samples, seed, device, progress),
+  shared by ``recon ct|mri|inpaint``, ``recon compare`` and ``recon demo``.
+* :func:`plan_methods` -- method names -> :class:`MethodRun` (registry entry
+  + task defaults + user options), every check done before any work.
+* :func:`run_method` -- one method on one :class:`forward_models.Measurement`.
+* :func:`working_window_and_size` -- the one rule for the HU window and the
+  working size (option > prior > default).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from recon.device import synchronize
+from recon.errors import ReconError
+
+__all__ = ["RunSettings", "MethodRun", "PriorCache", "parse_value", "parse_params", "plan_methods",
+           "run_method", "check_samples", "working_window_and_size", "progress_bar"]
+
+
+@dataclass
+class RunSettings:
+    """The method side of a run.  ``params`` are parsed ``--param`` options
+    (``{None: {...}, 'tv': {...}}``, see :func:`parse_params`); ``param_text``
+    keeps the user's strings for records."""
+
+    methods: list
+    params: dict = field(default_factory=dict)
+    param_text: list = field(default_factory=list)
+    prior: Any = None
+    size: int | None = None
+    samples: int = 1
+    seed: int = 0
+    device: Any = "cpu"
+    progress: bool = False
+    debug: bool = False
+    force: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",")]
+        if not self.methods or any(not m for m in self.methods):
+            raise ReconError(f"methods: expected comma-separated method names, got {','.join(self.methods)!r}")
+        if self.samples < 1:
+            raise ReconError(f"--samples must be >= 1, got {self.samples}")
+        if self.size is not None and self.size < 4:
+            raise ReconError(f"--size must be at least 4, got {self.size}")
+
+    def record(self) -> dict:
+        """The settings that change results (for fingerprints and run records)."""
+        return {"methods": list(self.methods), "param": list(self.param_text), "prior": self.prior,
+                "size": self.size, "samples": self.samples, "seed": self.seed}
+
+
+def check_samples(samples: int, runs) -> None:
+    """``--samples K > 1`` needs stochastic methods (registry metadata)."""
+    if samples < 1:
+        raise ReconError(f"--samples must be >= 1, got {samples}")
+    fixed = [r.name for r in runs if not r.method.stochastic]
+    if samples > 1 and len(fixed) == len(list(runs)):
+        from recon.methods import METHODS
+
+        names = ", ".join(sorted(n for n, m in METHODS.items() if m.stochastic))
+        raise ReconError(f"--samples {samples}: method '{fixed[0]}' is deterministic; posterior samples need "
+                         f"a sampling method ({names})")
+
+
+def working_window_and_size(acq, size: int | None, prior) -> tuple[tuple, int | None]:
+    """HU window: the acquisition's ``--window``, else the prior's, else [-1000, 1000];
+    working size: ``--size``, else the prior's image size, else native (None)."""
+    from recon.preprocess import CT_WINDOW
+
+    window = getattr(acq, "window", None) or (prior.window if prior is not None and prior.window else None) \
+        or CT_WINDOW
+    return tuple(window), size or (prior.image_size if prior is not None else None)
+
+
+# ---------------------------------------------------------------------------
+# --param key=value
+# ---------------------------------------------------------------------------
+_BOOLS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def parse_value(text: str):
+    """``'3'`` -> 3, ``'1e-3'`` -> 0.001, ``'true'`` -> True, ``'none'`` -> None,
+    ``'0,1'`` -> (0, 1), anything else -> the string."""
+    t = text.strip()
+    low = t.lower()
+    if low in _BOOLS:
+        return _BOOLS[low]
+    if low in ("none", "null"):
+        return None
+    if "," in t:
+        return tuple(parse_value(v) for v in t.split(","))
+    for conv in (int, float):
+        try:
+            return conv(t)
+        except ValueError:
+            pass
+    return t
+
+
+def parse_params(items: Iterable[str] | None) -> dict:
+    """``['lam=1e-3', 'tv.n_iter=50']`` -> ``{None: {'lam': 0.001}, 'tv': {'n_iter': 50}}``."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ReconError(f"--param {item!r}: expected KEY=VALUE (e.g. lam=1e-3, or tv.lam=1e-3 "
+                             "for one method)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        scope = None
+        if "." in key:
+            scope, key = key.rsplit(".", 1)
+        if not key.isidentifier():
+            raise ReconError(f"--param {item!r}: {key!r} is not a valid option name")
+        out.setdefault(scope, {})[key] = parse_value(value)
+    return out
+
+
+
+# ---------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------
+@dataclass
+class MethodRun:
+    name: str
+    method: Any          # recon.methods.Method
+    options: dict        # task defaults + user --param
+
+    @property
+    def score(self) -> bool:
+        """Needs a score prior (the registry's metadata)."""
+        return self.method.needs_prior
+
+    def accepts(self, key: str) -> bool:
+        """Whether the method's signature names ``key`` (open ``**options`` signatures do not count:
+        automatic options such as ``sigma_y`` are only passed to methods that declare them)."""
+        opts = self.method.options()
+        return opts is not None and key in opts
+
+
+def plan_methods(names: list[str], task, params: dict, noisy: bool = False) -> list[MethodRun]:
+    """Resolve method names (unknown -> ReconError listing the available ones) and their options.
+
+    ``noisy`` selects the task's defaults tuned for noisy measurements.  Methods
+    that do not apply to the task (registry metadata ``tasks``) are refused here,
+    before any work."""
+    from recon.methods import METHODS, get_method
+
+    if not names:
+        raise ReconError("no method given")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ReconError(f"method(s) listed twice: {', '.join(dup)}")
+    methods = [(n, get_method(n)) for n in names]
+    for n, m in methods:
+        if task.name not in m.tasks:
+            fits = sorted(k for k, v in METHODS.items() if task.name in v.tasks)
+            raise ReconError(f"method '{n}' does not apply to {task.name} (it applies to "
+                             f"{', '.join(m.tasks)}); methods for {task.name}: {', '.join(fits)}")
+    for scope in params:
+        if scope is not None and scope not in names:
+            raise ReconError(f"--param {scope}.*: method '{scope}' is not among the methods "
+                             f"({', '.join(names)})")
+    runs = []
+    used = set()
+    for n, m in methods:
+        accepted = m.options()
+        defaults = {k: v for k, v in task.default_options(n, noisy).items() if accepted is None or k in accepted}
+        opts = dict(defaults)
+        for k, v in params.get(None, {}).items():
+            if len(methods) == 1 or (accepted is not None and k in accepted):
+                opts[k] = v  # a single method gets every option (it reports unknown ones)
+                used.add(k)
+        opts.update(params.get(n, {}))
+        runs.append(MethodRun(n, m, opts))
+    unused = sorted(set(params.get(None, {})) - used)
+    if unused:
+        raise ReconError(f"--param {', '.join(unused)}: not accepted by any of {', '.join(names)}")
+    for r in runs:  # validate option names now, before any work
+        accepted = r.method.options()
+        if accepted is not None:
+            bad = sorted(set(r.options) - set(accepted))
+            if bad:
+                raise ReconError(f"method '{r.name}': unknown option(s) {', '.join(bad)}; accepted "
+                                 f"options: {', '.join(accepted)}")
+    return runs
+
+
+class PriorCache:
+    """Load each prior once (by name or path)."""
+
+    def __init__(self, device):
+        self.device, self._cache = device, {}
+
+    def get(self, name):
+        if name not in self._cache:
+            from recon.prior import load_prior
+
+            self._cache[name] = load_prior(name, device=self.device)
+        return self._cache[name]
+
+
+def _signature_default(method, key):
+    sig = getattr(method, "_sig", None)
+    if sig is None or key not in sig.parameters:
+        return None
+    d = sig.parameters[key].default
+    return None if d is sig.parameters[key].empty else d
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total, desc: str):
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def run_method(run: MethodRun, meas, *, prior=None, seed: int = 0, samples: int = 1,
+               progress: bool = False, task: str | None = None):
+    """Run one method on a measurement.
+
+    Returns ``(image, std, seconds, options)``: ``image`` the real 2-D
+    reconstruction (magnitude for complex methods; the posterior mean when
+    ``samples > 1``), ``std`` the per-pixel std of the samples or ``None``,
+    ``options`` the JSON-able options actually passed.  ``task`` is passed to
+    methods that take it (the score methods' per-task defaults).
+    """
+    from recon.score_methods import sample_posterior
+
+    opts = dict(run.options)
+    if run.score and "prior" not in opts:
+        if prior is None:
+            raise ReconError(f"method '{run.name}' needs a prior (--prior NAME or PATH)")
+        opts["prior"] = prior
+    if task is not None and run.accepts("task") and "task" not in opts:
+        opts["task"] = task
+    if run.accepts("sigma_y") and "sigma_y" not in opts:
+        opts["sigma_y"] = float(meas.sigma_y)
+    if run.accepts("seed") and "seed" not in opts and "generator" not in opts:
+        opts["seed"] = int(seed)
+    check_samples(samples, [run])
+    total = opts.get("n_iter") or opts.get("n_steps") or _signature_default(run.method.fn, "n_iter") \
+        or _signature_default(run.method.fn, "n_steps")
+    recorded = {k: (v if isinstance(v, (int, float, str, bool, type(None), tuple, list))
+                    else getattr(v, "meta", {}).get("name", type(v).__name__))
+                for k, v in opts.items()}
+    if "prior" in recorded and not isinstance(opts.get("prior"), str):
+        recorded["prior"] = getattr(opts["prior"], "_recon_source", recorded["prior"])
+    device = meas.y.device
+    with progress_bar(progress and run.accepts("callback") and "callback" not in opts, total, run.name) as bar:
+        if bar is not None:
+            opts["callback"] = lambda i, x: bar.update(1)
+        synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            if samples > 1:
+                mean, std = sample_posterior(run.method, meas.y, meas.op, samples, **opts)
+            else:
+                x = run.method(meas.y, meas.op, **opts)
+                mean, std = (x.abs() if x.is_complex() else x), None
+        except TypeError as e:  # open (**options) signatures report unknown options only here
+            if "keyword argument" not in str(e):
+                raise
+            raise ReconError(f"method '{run.name}': {e}") from None
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+    img = mean.detach().reshape(mean.shape[0], *mean.shape[-2:])[0].float().cpu().numpy()
+    if not np.all(np.isfinite(img)):
+        raise ReconError(f"method '{run.name}' produced NaN or infinite values; try other options "
+                         "(e.g. --param n_iter=..., lam=...)")
+    sd = None if std is None else std.detach().reshape(std.shape[0], *std.shape[-2:])[0].float().cpu().numpy()
+    return img, sd, seconds, recorded

@@ -1,0 +1,244 @@
+"""One input, one method: ``recon ct | mri | inpaint``.
+
+:func:`reconstruct` runs one case into an output folder: read the input (or
+the measured data), bring it to the working scale, simulate the measurement
+(or take the measured one), run the method, and write the reconstruction in
+the input's units (derived DICOM series or NIfTI), ``recon.png``,
+``metrics.json`` (when a ground truth of the same object exists), the task's
+extra files and ``run.json`` into a staging folder that is moved into place
+only after everything succeeded.  :func:`run_single` adds ``--manifest`` /
+``--shard``: one output folder per manifest line, finished lines skipped.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+
+from recon.errors import ReconError
+from recon.execute import PriorCache, RunSettings, check_samples, plan_methods, run_method, working_window_and_size
+from recon.io._util import short
+from recon.outputs import (OutputFolder, entry_name, fingerprint, metrics_csv_text, parse_shard, read_manifest,
+                           select_shard, versions, write_json, write_text)
+
+__all__ = ["Inputs", "reconstruct", "run_single", "SINGLE_OUTPUTS"]
+
+SINGLE_OUTPUTS = ("recon.nii.gz", "recon.png", "metrics.json", "run.json", "sinogram.npy", "observed.png",
+                  "std.npy", "std.png", "dicom")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Where the ground truth comes from: a file or folder (``path``), a DICOM
+    series in a folder holding several, and the slice of a volume (default: the
+    middle one).  Measured data are named by the acquisition instead."""
+
+    path: str | None = None
+    series: str | None = None
+    slice: int | None = None
+
+
+def _noise_text(info: dict) -> str:
+    model = info.get("model")
+    return {"none": "noise-free", "poisson": f"Poisson noise, I0={info.get('I0')}",
+            "gaussian": f"Gaussian noise {info.get('relative_sigma')} x RMS",
+            "measured": "measured data"}.get(model, str(model))
+
+
+def _fingerprint(task, acq, settings: RunSettings, inputs: Inputs) -> str:
+    acq_settings = {k: v for k, v in acq.settings().items() if k not in ("sinogram", "kspace")}
+    return fingerprint({"task": task.name, **acq_settings, **settings.record(), "series": inputs.series,
+                        "slice": inputs.slice})
+
+
+def _protected_inputs(acq, inputs: Inputs) -> list[str]:
+    paths = [inputs.path, getattr(acq, "sinogram", None), getattr(acq, "kspace", None),
+             getattr(acq, "mask_file", None), getattr(acq, "reference", None)]
+    return [p for p in paths if p]
+
+
+def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
+                fp: str | None = None, label: str | None = None) -> dict:
+    """Reconstruct one case into ``out`` (staged); returns the run record (also ``run.json``)."""
+    from recon.case import load_source
+    from recon.io import write_npy, write_png
+    from recon.io.derived import write_image_outputs
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    (run,) = plan_methods(list(settings.methods), task, settings.params, noisy=acq.noisy)
+    check_samples(settings.samples, [run])
+    measured = acq.measured
+    if measured and inputs.path:
+        raise ReconError("give either an INPUT image (simulated measurement) or measured data "
+                         f"({measured}), not both")
+    if not measured and not inputs.path:
+        extra = {"ct": " or --sinogram FILE", "mri": " or --kspace FILE"}.get(task.name, "")
+        raise ReconError(f"an INPUT image is required{extra}")
+    device = settings.device
+    dicom_folders = [Path(inputs.path)] if inputs.path and Path(inputs.path).is_dir() else []
+    folder = OutputFolder(out, inputs=_protected_inputs(acq, inputs), reserved=SINGLE_OUTPUTS,
+                          dicom_folders=dicom_folders)
+    with folder:
+        stage = folder.stage
+        t0 = time.perf_counter()
+        prior, prior_name, source = None, None, None
+        if run.score:
+            if inputs.path:
+                source = load_source(inputs.path, inputs.series, inputs.slice)
+            prior_name = settings.prior or task.default_prior(source, getattr(acq, "units", "auto"))
+            prior = PriorCache(device).get(prior_name)
+            prior._recon_source = str(prior_name)
+        window, size = working_window_and_size(acq, settings.size, prior)
+        truth = None
+        if measured:
+            meas = task.measured(acq, device, size=size, requested_size=settings.size, window=window,
+                                 seed=settings.seed, slice_index=inputs.slice)
+            timings["load"] = time.perf_counter() - t0
+        else:
+            if source is None:
+                source = load_source(inputs.path, inputs.series, inputs.slice)
+            truth = task.prepare(source, size, window, getattr(acq, "units", "auto"), getattr(acq, "fov", None))
+            timings["load"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            op = acq.operator(truth.size, device, seed=settings.seed)
+            timings["operator"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            meas = task.simulate(truth, acq, device, seed=settings.seed, op=op)
+            meas.reference = truth.x
+            timings["simulate"] = time.perf_counter() - t0
+        log(f"{label or inputs.path or measured}: {run.name} on {tuple(meas.op.in_shape)} "
+            f"({_noise_text(meas.info)}, sigma_y={meas.sigma_y:.3g})")
+        img, std, seconds, used = run_method(run, meas, prior=prior, seed=settings.seed, samples=settings.samples,
+                                             progress=settings.progress, task=task.name)
+        timings["reconstruct"] = seconds
+        t0 = time.perf_counter()
+        metrics = None
+        if meas.reference is not None:
+            from recon.metrics import compute_metrics
+
+            metrics = compute_metrics(task.metric_image(img, meas), meas.reference)
+            metrics.update(data_range=1.0, scale="[0, 1]", reference=meas.info.get("reference", "input image"))
+            write_json(stage / "metrics.json", metrics)
+        method_settings = {"task": task.name, "method": run.name, **{k: v for k, v in used.items()
+                                                                      if k != "callback"}}
+        values, shown, vmax = task.output_image(img, truth, meas, window)
+        written = write_image_outputs(stage, values, truth, run.name, method_settings)
+        write_png(shown, stage / "recon.png", vmin=0.0, vmax=vmax)
+        written.append("recon.png")
+        for name, (kind, arr) in task.extra_outputs(meas).items():
+            (write_npy if kind == "npy" else lambda a, p: write_png(a, p, vmin=0.0, vmax=1.0))(arr, stage / name)
+            written.append(name)
+        if std is not None:
+            write_npy(std, stage / "std.npy")
+            write_png(std, stage / "std.png", vmin=0.0, vmax=max(float(std.max()), 1e-12))
+            written += ["std.npy", "std.png"]
+        if metrics is not None:
+            written.append("metrics.json")
+        timings["write"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        record = {
+            "command": f"recon {task.name}",
+            "argv": list(sys.argv),
+            "versions": versions(),
+            "seed": settings.seed,
+            "device": str(device),
+            "input": str(inputs.path or measured),
+            "options": {**acq.settings(), **settings.record(), "method": run.name, "series": inputs.series,
+                        "slice": inputs.slice},
+            "method": {"name": run.name, "options": used},
+            "prior": prior_name and str(prior_name),
+            "working_size": list(meas.op.in_shape),
+            "window": list(window) if task.uses_window(truth) else None,
+            "units": task.units_label(truth),
+            "pixel_mm": truth.pixel_mm if truth is not None else None,
+            "measurement": meas.info,
+            "sigma_y": meas.sigma_y,
+            "samples": settings.samples,
+            "metrics": metrics,
+            "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
+            "outputs": written + ["run.json"],
+            "fingerprint": fp or _fingerprint(task, acq, settings, inputs),
+        }
+        if truth is not None:
+            record["input_slice"] = truth.source.slice_index
+            record["crop"] = list(truth.crop)
+        record.update(task.record_extra(meas))
+        write_json(stage / "run.json", record)
+    return record
+
+
+def run_single(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
+               manifest: str | None = None, shard: str | None = None) -> int:
+    """``recon ct|mri|inpaint``: one input, or a manifest shard."""
+    if manifest:
+        return _run_manifest(task, acq, settings, inputs, out, log, manifest, shard)
+    if shard:
+        raise ReconError("--shard needs --manifest FILE (the list of inputs to split)")
+    record = reconstruct(task, acq, settings, inputs, Path(out), log)
+    m = record.get("metrics")
+    if m:
+        log(f"{record['method']['name']}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, NMSE {m['nmse']:.3g} "
+            f"({record['timings_seconds']['reconstruct']:.2f} s)")
+    log(f"wrote {out}")
+    return 0
+
+
+def _run_manifest(task, acq, settings, inputs, out, log, manifest, shard_text) -> int:
+    shard = parse_shard(shard_text)
+    entries = select_shard(read_manifest(manifest), shard)
+    if inputs.path or acq.measured:
+        raise ReconError("--manifest replaces the INPUT argument; give one or the other")
+    out = Path(out)
+    folder = OutputFolder(out, inputs=[e for _, e in entries], reserved=[entry_name(i, e) for i, e in entries],
+                          staged=False)
+    folder.prepare()
+    fp = _fingerprint(task, acq, settings, inputs)
+    done, skipped, failed = [], [], []
+    for index, entry in entries:
+        name = entry_name(index, entry)
+        case_out = out / name
+        marker = case_out / "run.json"
+        if not settings.force and marker.is_file():
+            try:
+                if json.loads(marker.read_text()).get("fingerprint") == fp:
+                    skipped.append(name)
+                    log(f"{name}: done already, skipped")
+                    continue
+            except (OSError, ValueError):
+                pass
+        case_acq, case_inputs = task.manifest_entry(acq, inputs, entry)
+        try:
+            reconstruct(task, case_acq, settings, case_inputs, case_out, log, fp=fp, label=f"{name} ({entry})")
+            done.append(name)
+        except Exception as e:  # noqa: BLE001 - log and go on with the next case
+            if settings.debug:
+                raise
+            failed.append({"case": name, "input": entry, "error": f"{e}" if isinstance(e, ReconError)
+                           else short(e)})
+            print(f"recon {task.name}: {name} ({entry}): error: {failed[-1]['error']}", file=sys.stderr)
+    # aggregate every finished case with these settings (all shards)
+    rows = []
+    for run_json in sorted(out.glob("*/run.json")):
+        try:
+            rec = json.loads(run_json.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("fingerprint") != fp or not rec.get("metrics"):
+            continue
+        m = rec["metrics"]
+        rows.append({"case": run_json.parent.name, "method": rec["method"]["name"], "psnr": m["psnr"],
+                     "ssim": m["ssim"], "nmse": m["nmse"],
+                     "seconds": rec["timings_seconds"].get("reconstruct", float("nan"))})
+    if rows:
+        write_text(out / "metrics.csv", metrics_csv_text(rows))
+    i, n = shard
+    write_json(out / f"shard-{i}-of-{n}.json", {"manifest": str(manifest), "shard": [i, n],
+                                                "done": done, "skipped": skipped, "failed": failed,
+                                                "fingerprint": fp})
+    log(f"shard {i}/{n}: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed")
+    return 1 if failed else 0
