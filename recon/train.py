@@ -309,6 +309,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     optim_path = out.with_suffix(".optim.pt")
+    data_rng = None  # the batch/noise generator's state at the checkpoint, when resuming
     if cfg.resume and out.exists():
         from safetensors.torch import load_file
 
@@ -321,11 +322,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
         model.load_state_dict(raw or ema.state_dict())
         tr = prev.get("training", {})
         step, elapsed_before, history = tr.get("steps", 0), tr.get("seconds", 0.0), tr.get("history", [])
+        for key, value in prev.items():  # keep what training does not own (name, tuned sampler
+            meta.setdefault(key, value)  # defaults, out-of-distribution reference, pixel size, ...)
         if optim_path.exists():
             st = torch.load(optim_path, weights_only=True)
             if st.get("step") == step:
                 opt.load_state_dict(st["optim"])
                 torch.set_rng_state(st["rng"])
+                data_rng = st.get("data_rng")
         if rank == 0:
             log(f"resumed from {out} at step {step}")
     train_sde = sde_from_config(meta["sde"])
@@ -334,6 +338,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)
+    if world == 1 and data_rng is not None:
+        g.set_state(data_rng)  # continue the batch/noise stream exactly where the checkpoint left it
 
     def checkpoint(final=False):
         if rank != 0:
@@ -349,7 +355,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "torch": torch.__version__,
         }
         save_prior(Prior(ema, meta), out, raw=model)
-        torch.save({"step": step, "optim": opt.state_dict(), "rng": torch.get_rng_state()}, optim_path)
+        torch.save({"step": step, "optim": opt.state_dict(), "rng": torch.get_rng_state(),
+                    "data_rng": g.get_state()}, optim_path)
         log(f"step {step}: checkpoint {out} (val loss {val:.4f})")
 
     t0 = time.time()

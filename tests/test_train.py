@@ -135,11 +135,18 @@ def test_train_deterministic_and_resumes(tmp_path):
 
     ta, tb = load_file(str(a)), load_file(str(b))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
-    # resume: 3 steps then 3 more reproduces the same step count and metadata
+    # resume: 3 steps then 3 more continues bit-exactly (weights, EMA) and keeps metadata that
+    # training does not own (tuned sampler defaults, a name) across the resume
     c = train(TrainConfig(out=str(tmp_path / "c"), steps=3, **common), log=lambda m: None)
+    meta = json.loads(c.with_suffix(".json").read_text())
+    meta.update(name="tiny", sampler_defaults={"mri": {"score-fast": {"n_steps": 7}}})
+    c.with_suffix(".json").write_text(json.dumps(meta))
     c = train(TrainConfig(out=str(tmp_path / "c"), steps=6, resume=True, **common), log=lambda m: None)
     meta = json.loads(c.with_suffix(".json").read_text())
     assert meta["training"]["steps"] == 6 and meta["image_size"] == 16
+    assert meta["name"] == "tiny" and meta["sampler_defaults"]["mri"]["score-fast"]["n_steps"] == 7
+    tc = load_file(str(c))
+    assert all(torch.equal(ta[k], tc[k]) for k in ta)
 
 
 @pytest.mark.slow
