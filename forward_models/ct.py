@@ -884,11 +884,12 @@ class FanBeamCT(_CT):
         D = _positive(detector_distance, "detector_distance")
         radius = math.sqrt(2) * size / 2
         if R <= radius:
-            raise ValueError(f"source_distance={R} puts the source inside the image; expected "
-                             f"> {radius:.2f} (the image half-diagonal)")
+            raise ValueError(f"source_distance={R:g} pixels puts the source inside the image; expected "
+                             f"> {radius:.2f} pixels (the half-diagonal of a {size}x{size} image, "
+                             f"{radius / size:.3f} image widths)")
         if D < R:
-            raise ValueError(f"detector_distance (source to detector) = {D} is shorter than "
-                             f"source_distance = {R}; expected >= {R}")
+            raise ValueError(f"detector_distance (source to detector) = {D:g} pixels is shorter than "
+                             f"source_distance = {R:g} pixels; expected >= {R:g} pixels")
         det_spacing = D / R if det_spacing is None else _positive(det_spacing, "det_spacing")
         if n_det is None:
             half = D * math.tan(math.asin(radius / R))

@@ -144,6 +144,17 @@ class CTAcquisition(_Acquisition):
         _check(self.sinogram_units in ("image", "attenuation"),
                f"--sinogram-units must be image or attenuation, got {self.sinogram_units!r}")
         _check(not (self.photons is not None and self.noise), "give either --photons or --noise, not both")
+        if self.geometry == "fan":
+            # distances are in image widths; the source must stay outside the image's circumscribed circle
+            half_diagonal = math.sqrt(2) / 2
+            _check(self.source_distance > half_diagonal,
+                   f"--source-distance {self.source_distance:g} puts the X-ray source inside the image: it is in "
+                   f"multiples of the image width and must exceed {half_diagonal:.3f} (half the image diagonal); "
+                   "e.g. --source-distance 2")
+            _check(self.detector_distance >= self.source_distance,
+                   f"--detector-distance {self.detector_distance:g} is shorter than --source-distance "
+                   f"{self.source_distance:g} (both from the source, in image widths); the detector must lie beyond "
+                   "the rotation axis, e.g. --detector-distance 4")
         object.__setattr__(self, "window", parse_window(self.window))
 
     @property

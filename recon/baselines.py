@@ -83,6 +83,72 @@ Callback = Optional[Callable[[int, torch.Tensor], object]]
 
 
 # ---------------------------------------------------------------------------
+# numeric options: one rule per option name, shared by every method
+# ---------------------------------------------------------------------------
+#: option name -> (kind, low, low_inclusive, high, high_inclusive); ``kind`` 'int' or 'float'.
+#: The same names mean the same thing in every method (baselines and score methods), so one
+#: table checks them all, at call time here and up front in ``recon.execute.plan_methods``.
+OPTION_RULES = {
+    "n_iter": ("int", 1, True, None, False),
+    "n_steps": ("int", 1, True, None, False),
+    "cg_iters": ("int", 1, True, None, False),
+    "final_cg_iters": ("int", 0, True, None, False),
+    "inverse_iters": ("int", 1, True, None, False),
+    "n_corrector": ("int", 0, True, None, False),
+    "level": ("int", 1, True, None, False),
+    "chunk_pixels": ("int", 1, True, None, False),
+    "lam": ("float", 0.0, True, None, False),
+    "tol": ("float", 0.0, True, None, False),
+    "damp": ("float", 0.0, True, None, False),
+    "eps": ("float", 0.0, True, None, False),
+    "snr": ("float", 0.0, True, None, False),
+    "zeta": ("float", 0.0, True, None, False),
+    "eta": ("float", 0.0, True, 1.0, True),
+    "sigma_y": ("float", 0.0, True, None, False),
+    "sigma_max": ("float", 0.0, False, None, False),
+    "step_ratio": ("float", 0.0, False, None, False),
+    "op_norm": ("float", 0.0, False, None, False),
+    "relax": ("float", 0.0, False, 2.0, False),
+}
+
+
+def _rule_text(rule) -> str:
+    kind, lo, lo_in, hi, hi_in = rule
+    what = "an integer" if kind == "int" else "a finite number"
+    if hi is None:
+        return f"{what} {'>=' if lo_in else '>'} {lo:g}"
+    return f"{what} in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_option(method: str, name: str, value):
+    """``value`` of option ``name`` of ``method``, checked against :data:`OPTION_RULES`
+    (None and options without a rule pass unchanged); integral floats become ints for
+    integer options.  Raises :class:`ReconError` naming the method, the option and the range."""
+    rule = OPTION_RULES.get(name)
+    if rule is None or value is None:
+        return value
+    kind, lo, lo_in, hi, hi_in = rule
+    bad = ReconError(f"method '{method}': option {name} must be {_rule_text(rule)}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise bad
+    v = float(value)
+    if not math.isfinite(v):
+        raise bad
+    if kind == "int":
+        if v != int(v):
+            raise bad
+        value = int(v)
+    if (v < lo if lo_in else v <= lo) or (hi is not None and (v > hi if hi_in else v >= hi)):
+        raise bad
+    return value
+
+
+def check_options(method: str, **values) -> dict:
+    """:func:`check_option` for each keyword; returns the (converted) values."""
+    return {k: check_option(method, k, v) for k, v in values.items()}
+
+
+# ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
 def _check_inputs(y, op, method: str) -> None:
@@ -249,9 +315,7 @@ def sirt(y: torch.Tensor, op: LinearOperator, n_iter: int = 100, x0: Optional[to
     _check_inputs(y, op, "sirt")
     if op.is_complex_input or y.is_complex():
         raise ReconError("sirt needs a real operator and real data; use 'tv' or 'cgls' for complex (MRI) problems")
-    if not (0 < relax < 2):
-        raise ValueError(f"sirt: relax must be in (0, 2), got {relax}")
-    n_iter = int(n_iter)
+    n_iter = check_options("sirt", n_iter=n_iter, relax=relax)["n_iter"]
     dt, dev = y.dtype, y.device
     with torch.no_grad():
         rows = _fwd(op, torch.ones((1, *op.in_shape), dtype=dt, device=dev), y)
@@ -319,10 +383,7 @@ def tv(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: int = 500
     _check_inputs(y, op, "tv")
     if len(op.in_shape) < 2:
         raise ReconError(f"tv needs an image (at least 2 axes), but the operator input is {op.in_shape}")
-    if lam < 0 or not math.isfinite(lam):
-        raise ValueError(f"tv: lam must be a nonnegative finite number, got {lam}")
-    if not (step_ratio > 0 and math.isfinite(step_ratio)):
-        raise ValueError(f"tv: step_ratio must be positive, got {step_ratio}")
+    n_iter = check_options("tv", lam=lam, n_iter=n_iter, tol=tol, step_ratio=step_ratio, op_norm=op_norm)["n_iter"]
     cplx = bool(op.is_complex_input)
     real = not cplx
     lo, hi = _bounds(nonneg, clip, cplx, "tv")
@@ -417,6 +478,7 @@ def tv_inpaint(y: torch.Tensor, op: LinearOperator, lam: float = 2e-3, n_iter: i
     defaults.)
     """
     _check_inputs(y, op, "tv_inpaint")
+    check_options("tv_inpaint", lam=lam, n_iter=n_iter)
     if x0 is None:
         mask = inpainting_mask(op)
         if mask is not None and not y.is_complex():
@@ -462,6 +524,7 @@ def sense_adjoint(y: torch.Tensor, op: LinearOperator, eps: float = 1e-8,
     :func:`zero_filled`.
     """
     _check_inputs(y, op, "sense_adjoint")
+    check_options("sense-adjoint", eps=eps)
     with torch.no_grad():
         x = op.AH(y)
         maps = None
@@ -604,7 +667,8 @@ def _soft(c: torch.Tensor, t) -> torch.Tensor:
 def cs_wavelet(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: int = 200,
                wavelet: str = "db4", level: Optional[int] = None, x0: Optional[torch.Tensor] = None,
                tol: float = 1e-6, relative: bool = True, threshold_approx: bool = False,
-               op_norm: Optional[float] = None, callback: Callback = None) -> torch.Tensor:
+               op_norm: Optional[float] = None, cycle_spin: bool = True, seed: int = 0,
+               callback: Callback = None) -> torch.Tensor:
     """L1-wavelet compressed sensing by FISTA (Beck & Teboulle 2009).
 
     Solves ``min_x 0.5 ||A x - y||^2 + lam_eff * ||Psi x||_1`` with ``Psi`` an
@@ -617,12 +681,19 @@ def cs_wavelet(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: i
     ``lam``.  Step ``1/L`` with ``L = ||A||^2`` (power-method estimate x 1.02,
     or ``op_norm**2``).  Starts from ``x0`` (default ``A^H y / L``); stops
     early when every item's relative change is below ``tol``.
+
+    ``cycle_spin`` (default): every iteration thresholds the wavelet
+    coefficients of the image circularly shifted by a random offset below
+    ``2**level`` (seeded by ``seed``, so results are reproducible), which makes
+    the decimated transform's regulariser shift-invariant on average (random
+    cycle spinning, Figueiredo & Nowak 2003).  On brain MRI at 8x it gained
+    0.1-1.1 dB over the plain transform and beat SigPy's ``L1WaveletRecon``
+    (``recon bench references``).
     """
     _check_inputs(y, op, "cs_wavelet")
     if len(op.in_shape) < 2:
         raise ReconError(f"cs_wavelet needs an image (at least 2 axes), but the operator input is {op.in_shape}")
-    if lam < 0 or not math.isfinite(lam):
-        raise ValueError(f"cs_wavelet: lam must be a nonnegative finite number, got {lam}")
+    n_iter = check_options("cs-wavelet", lam=lam, n_iter=n_iter, tol=tol, level=level, op_norm=op_norm)["n_iter"]
     H, W = op.in_shape[-2:]
     filt_len = _wavelet_filters(wavelet, torch.float64, "cpu").shape[-1]
     if level is None:
@@ -637,10 +708,16 @@ def cs_wavelet(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: i
     if not threshold_approx:
         detail[: H >> level, : W >> level] = False
 
+    spin = torch.Generator().manual_seed(int(seed)) if cycle_spin else None
+
     def prox(v):
+        shift = torch.randint(0, 2 ** level, (2,), generator=spin).tolist() if spin is not None else [0, 0]
+        if any(shift):
+            v = torch.roll(v, shift, dims=(-2, -1))
         c = wavelet_forward(v, wavelet, level)
         c = torch.where(detail, _soft(c, thr), c)
-        return wavelet_inverse(c, wavelet, level)
+        out = wavelet_inverse(c, wavelet, level)
+        return torch.roll(out, [-shift[0], -shift[1]], dims=(-2, -1)) if any(shift) else out
 
     with torch.no_grad():
         x = _check_x0(x0, op, y, "cs_wavelet")
@@ -725,8 +802,7 @@ def cgls(y: torch.Tensor, op: LinearOperator, n_iter: int = 50,
     below ``tol`` times its initial value; the loop ends when all have.
     """
     _check_inputs(y, op, "cgls")
-    if damp < 0 or not math.isfinite(damp):
-        raise ValueError(f"cgls: damp must be a nonnegative finite number, got {damp}")
+    n_iter = check_options("cgls", n_iter=n_iter, damp=damp, tol=tol)["n_iter"]
     x = _check_x0(x0, op, y, "cgls")
     if x is None:
         x = torch.zeros((y.shape[0], *op.in_shape), dtype=_image_dtype(y, op), device=y.device)

@@ -39,7 +39,7 @@ from recon.errors import ReconError
 
 def common_options(p: argparse.ArgumentParser, out_required: bool = True):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed, an integer >= 0 (default: 0)")
     p.add_argument("--out", required=out_required, help="output folder (or file where stated)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -55,6 +55,75 @@ def log(args, msg: str):
 
 
 # ---------------------------------------------------------------------------
+# number types: every numeric option of every subcommand is checked at parse time by one of
+# these, in one message style: "recon ct: error: --size must be >= 4 (...), got 0" (main()
+# prints argparse's ArgumentError as one line and returns 2)
+# ---------------------------------------------------------------------------
+def _int(text: str, minimum: int, note: str = "") -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}{note}, got {v}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def _nonneg_int(text: str) -> int:
+    return _int(text, 0)
+
+
+def _size(text: str) -> int:
+    return _int(text, 4, " (the image side in pixels)")
+
+
+def _nonneg_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = _nonneg_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1], got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad option values raise ``argparse.ArgumentError`` (printed by :func:`main` as one line,
+    exit status 2) instead of printing the usage; subparsers inherit the class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("exit_on_error", False)
+        super().__init__(*args, **kwargs)
+
+
+def _argument_error_text(e: argparse.ArgumentError) -> str:
+    name, msg = e.argument_name, e.message
+    if name and msg.startswith("must be"):
+        return f"{name} {msg}"
+    return f"argument {name}: {msg}" if name else msg
+
+
+# ---------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------
 def add_train(sub):
@@ -63,22 +132,23 @@ def add_train(sub):
                                    "Runs under torchrun for several processes or GPUs (only rank 0 writes).")
     p.add_argument("--data", action="append", required=True, help="training folder (repeatable)")
     p.add_argument("--modality", required=True, choices=["ct", "mri"])
-    p.add_argument("--size", type=int, default=128, help="training image size (default 128)")
-    p.add_argument("--patch", type=int, default=64, help="patch size (default 64; = size for whole images)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=8e-4)
-    p.add_argument("--base", type=int, default=32, help="U-Net base channels")
+    p.add_argument("--size", type=_size, default=128, help="training image size (default 128)")
+    p.add_argument("--patch", type=_size, default=64, help="patch size (default 64; = size for whole images)")
+    p.add_argument("--steps", type=_positive_int, default=2000)
+    p.add_argument("--batch", type=_positive_int, default=16)
+    p.add_argument("--lr", type=_positive_float, default=8e-4)
+    p.add_argument("--base", type=_positive_int, default=32, help="U-Net base channels")
     p.add_argument("--mults", default="1,2,4", help="channel multipliers per level")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this wall time (checkpoint kept)")
+    p.add_argument("--minutes", type=_positive_float, default=None,
+                   help="stop after this wall time (checkpoint kept)")
     p.add_argument("--window", default="-1000,1000", help="CT HU window mapped to [0, 1] (default -1000,1000)")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=_positive_int, default=None)
     p.add_argument("--objective", default="edm", choices=["edm", "dsm", "dsm-lw", "ssm"],
                    help="edm: EDM-weighted DSM (default); dsm: continuous-time DSM on the VE SDE "
                         "(dsm-lw: likelihood weighting); ssm: sliced score matching")
     p.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--full-every", type=int, default=4,
+    p.add_argument("--checkpoint-every", type=_positive_int, default=200)
+    p.add_argument("--full-every", type=_nonneg_int, default=4,
                    help="every N-th step trains on whole images instead of patches (0: never; default 4)")
     p.add_argument("--full-noise", default="-1.2,1.2", metavar="P_MEAN,P_STD",
                    help="log-normal noise distribution of the whole-image steps (default: EDM's -1.2,1.2; "
@@ -120,10 +190,10 @@ def run_train(args):
 def add_sample(sub):
     p = sub.add_parser("sample", help="draw unconditional samples from a prior")
     p.add_argument("--prior", required=True, help="shipped prior name (ct, brain-mri) or path to .safetensors")
-    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--n", type=_positive_int, default=8, help="number of samples (default 8)")
     p.add_argument("--sampler", default="pc", choices=["pc", "ode"])
-    p.add_argument("--steps", type=int, default=None, help="noise levels (default: pc 500, ode 40)")
-    p.add_argument("--snr", type=float, default=0.16)
+    p.add_argument("--steps", type=_positive_int, default=None, help="noise levels (default: pc 500, ode 40)")
+    p.add_argument("--snr", type=_nonneg_float, default=0.16, help="corrector signal-to-noise ratio (pc)")
     p.add_argument("--real", action="append", default=None,
                    help="folder of real images: show as many of them (same size, same normalisation) "
                         "in a second row of samples.png (repeatable)")
@@ -173,8 +243,9 @@ def add_likelihood(sub):
     p = sub.add_parser("likelihood", help="bits per dimension of an image under a prior (probability-flow ODE)")
     p.add_argument("input", help="image file (DICOM, NIfTI, PNG/JPEG, .npy)")
     p.add_argument("--prior", required=True)
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per step")
+    p.add_argument("--steps", type=_positive_int, default=64,
+                   help="ODE steps (default 64; fewer than 16 give unreliable estimates)")
+    p.add_argument("--probes", type=_positive_int, default=1, help="Hutchinson probes per step")
     common_options(p, out_required=False)
     return p
 
@@ -182,7 +253,7 @@ def add_likelihood(sub):
 def run_likelihood(args):
     import torch
 
-    from recon.likelihood import log_likelihood
+    from recon.likelihood import log_likelihood, reliability_warnings
     from recon.prior import load_prior
     from recon.preprocess import load_case_image
 
@@ -194,6 +265,11 @@ def run_likelihood(args):
     logp, bpd = log_likelihood(prior, x, n_steps=args.steps, n_probes=args.probes, generator=g)
     result = {"input": str(args.input), "prior": str(args.prior), "log_likelihood_nats": float(logp[0]),
               "bits_per_dim": float(bpd[0])}
+    warnings = reliability_warnings(float(bpd[0]), args.steps)
+    for w in warnings:
+        print(f"recon likelihood: warning: {w}", file=sys.stderr)
+    if warnings:
+        result["warnings"] = warnings
     print(json.dumps(result, indent=2))
     if args.out:
         from recon.outputs import write_text
@@ -205,15 +281,27 @@ def run_likelihood(args):
 # bench
 # ---------------------------------------------------------------------------
 def add_bench(sub):
-    p = sub.add_parser("bench", help="benchmarks (operators)")
-    p.add_argument("what", choices=["operators"])
+    p = sub.add_parser("bench", help="benchmarks (operators; fuzz: damaged files through every reader)")
+    p.add_argument("what", choices=["operators", "fuzz"])
     p.add_argument("--sizes", default="256,512")
     p.add_argument("--views", default="23,90,180")
+    p.add_argument("--n", type=_positive_int, default=1000, help="fuzz: inputs per reader (default 1000)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="fuzz: seed of the mutations (default 0)")
+    p.add_argument("--readers", default=None, metavar="R1,R2,...",
+                   help="fuzz: readers to fuzz (default all: dicom,nifti,png,jpeg,tiff,npy,cfl,h5)")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="fuzz: seconds per input (default 10)")
+    p.add_argument("--save", default=None, metavar="DIR", help="fuzz: keep the failing inputs here")
     p.add_argument("--debug", action="store_true")
     return p
 
 
 def run_bench(args):
+    if args.what == "fuzz":
+        from recon.fuzz import fuzz_readers
+
+        report = fuzz_readers(args.n, seed=args.seed, timeout=args.timeout, save_failures=args.save,
+                              readers=[r for r in (args.readers or "").split(",") if r] or None)
+        return 0 if report.clean else 1
     from recon.bench import bench_operators
 
     bench_operators(sizes=tuple(int(s) for s in args.sizes.split(",")),
@@ -234,43 +322,6 @@ def _method_help() -> str:
     prior = [n for n, m in METHODS.items() if m.needs_prior]
     return (f"reconstruction method: {'; '.join(parts)}; {', '.join(prior)} (any task, need a prior); "
             "`recon methods` lists them")
-
-
-# -- number types: each option's value is checked at parse time, one message style
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = _nonneg_float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    v = _nonneg_float(text)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {v}")
-    return v
 
 
 # -- acquisition options (one declaration per option) -------------------------
@@ -401,10 +452,10 @@ def _method_options(p, multi: bool = False):
     g.add_argument("--prior", default=None, metavar="NAME|PATH",
                    help="score prior: shipped name (ct, brain-mri) or .safetensors path (default: ct for "
                         "CT, brain-mri for MRI)")
-    g.add_argument("--size", type=int, default=None, metavar="S",
+    g.add_argument("--size", type=_size, default=None, metavar="S",
                    help="working image size SxS (default: the native size after a square centre crop; "
                         "the prior's image size when a score method runs)")
-    g.add_argument("--samples", type=int, default=1, metavar="K",
+    g.add_argument("--samples", type=_positive_int, default=1, metavar="K",
                    help=("posterior samples per case for the score methods (score, score-fast, dps): "
                          "their mean is scored; other methods run once (default 1)") if multi else
                         ("posterior samples for score methods: the mean is the reconstruction and "
@@ -417,7 +468,7 @@ def _run_settings(args, methods):
     return RunSettings(methods=methods, params=parse_params(args.param), param_text=list(args.param or []),
                        prior=args.prior, size=args.size, samples=args.samples, seed=args.seed,
                        device=resolve_device(args.device), progress=progress_enabled(args),
-                       debug=args.debug, force=args.force)
+                       debug=args.debug, force=args.force, force_modality=args.force_modality)
 
 
 def _input_options(p, positional: bool = True, required: bool = True):
@@ -425,7 +476,20 @@ def _input_options(p, positional: bool = True, required: bool = True):
         p.add_argument("input", nargs=None if required else "?", metavar="INPUT",
                        help="ground-truth image: DICOM file or folder, NIfTI, PNG/JPEG/TIFF, or 2-D .npy")
     p.add_argument("--series", default=None, metavar="UID", help="DICOM series to read from a folder holding several")
-    p.add_argument("--slice", type=int, default=None, metavar="I", help="slice index of a volume (default: middle)")
+    p.add_argument("--slice", type=_nonneg_int, default=None, metavar="I",
+                   help="slice index of a volume, 0-based (default: middle)")
+
+
+def _modality_option(p, task: str):
+    """``--force-modality``: a DICOM input of the other modality (MR for ct, CT for mri) is refused
+    without it (recon.tasks Task.check_source)."""
+    other = {"ct": "MR", "mri": "CT"}.get(task)
+    if other is None:
+        p.set_defaults(force_modality=False)
+        return
+    p.add_argument("--force-modality", action="store_true",
+                   help=f"accept DICOM input whose Modality is {other} (refused by default: `recon {task}` "
+                        f"expects {'CT' if task == 'ct' else 'MR'} images)")
 
 
 def _manifest_options(p):
@@ -458,6 +522,7 @@ def add_ct(sub):
                    help="noise std of the measured data in y units (passed to score methods)")
     _ct_options(p)
     _method_options(p)
+    _modality_option(p, "ct")
     _manifest_options(p)
     common_options(p)
     return p
@@ -484,6 +549,7 @@ def add_mri(sub):
                    help="noise std of the measured k-space after scaling (passed to score methods)")
     _mri_options(p)
     _method_options(p)
+    _modality_option(p, "mri")
     _manifest_options(p)
     common_options(p)
     return p
@@ -495,6 +561,7 @@ def add_inpaint(sub):
     _input_options(p)
     _inpaint_options(p)
     _method_options(p)
+    _modality_option(p, "inpaint")
     common_options(p)
     p.set_defaults(manifest=None, shard=None, force=False)
     return p
@@ -536,6 +603,7 @@ def add_compare(sub):
         _TASK_CLI[name][0](q)
         q.set_defaults(**_NO_MEASURED_DATA)  # compare simulates every case
         _method_options(q, multi=True)
+        _modality_option(q, name)
         _manifest_options(q)
         common_options(q)
     return p
@@ -608,7 +676,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recon", description="Medical image reconstruction with score-based priors "
+    parser = _Parser(prog="recon", description="Medical image reconstruction with score-based priors "
                                      "and pluggable measurement operators.")
     from recon import __version__
 
@@ -619,9 +687,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what to reduce when a command runs out of memory
+_MEMORY_HINT = {
+    "train": "reduce --batch, --patch or --size (or --base)",
+    "sample": "reduce --n",
+    "likelihood": "use a prior with a smaller image size",
+    None: "reduce --size (or --samples, --views, --max-cases)",
+}
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as e:  # a bad option value: one line, like every other user error
+        cmd = next((a for a in argv if a in SUBCOMMANDS), None)
+        print(f"recon{' ' + cmd if cmd else ''}: error: {_argument_error_text(e)}", file=sys.stderr)
+        return 2
     _, run = SUBCOMMANDS[args.command]
     try:
         rc = run(args)
@@ -637,6 +720,12 @@ def main(argv=None) -> int:
     except Exception as e:  # a bug, not bad input: one line, the traceback with --debug
         if getattr(args, "debug", False):
             raise
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            gpu = type(e).__name__ == "OutOfMemoryError"
+            hint = _MEMORY_HINT.get(args.command, _MEMORY_HINT[None]) + (", or use --device cpu" if gpu else "")
+            print(f"recon {args.command}: error: out of {'GPU memory' if gpu else 'memory'}; {hint}",
+                  file=sys.stderr)
+            return 2
         print(f"recon {args.command}: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
               "(rerun with --debug for the traceback and please report it)", file=sys.stderr)
         return 1

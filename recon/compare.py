@@ -21,8 +21,9 @@ from typing import Any, Callable
 import numpy as np
 
 from recon.errors import ReconError
-from recon.execute import PriorCache, RunSettings, check_samples, plan_methods, progress_bar, run_method, \
-    working_window_and_size
+from recon.execute import known_pixel_mm
+from recon.execute import PriorCache, RunSettings, check_memory, check_samples, plan_methods, progress_bar, \
+    run_method, working_window_and_size
 from recon.io._util import short
 from recon.outputs import (OutputFolder, entry_name, fingerprint, markdown_table, metrics_csv_text, parse_shard,
                            read_manifest, select_shard, write_json, write_text)
@@ -53,6 +54,14 @@ class Comparison:
         self.priors = PriorCache(settings.device)
         self.any_score = any(r.score for r in self.runs)
         self._ops: dict = {}
+        self._warned: set = set()
+        # checks that would fail every case: once, up front, before any output
+        if self.any_score and settings.prior:
+            from recon.prior import resolve_prior_path
+
+            resolve_prior_path(settings.prior)
+        if settings.size is not None:
+            check_memory(settings.size, samples=settings.samples)
 
     def prior_for(self, source):
         if not self.any_score:
@@ -70,18 +79,26 @@ class Comparison:
     def run_case(self, name: str, source) -> CaseResult:
         s = self.settings
         res = CaseResult(name)
+        self.task.check_source(source, s.force_modality)
         prior, _ = self.prior_for(source)
         window, size = working_window_and_size(self.acq, s.size, prior)
+        check_memory(size if size is not None else min(source.image.shape[-2:]), samples=s.samples,
+                     native=size is None)
         truth = self.task.prepare(source, size, window, getattr(self.acq, "units", "auto"),
                                   getattr(self.acq, "fov", None))
         # ONE measurement shared by all methods
         meas = self.task.simulate(truth, self.acq, s.device, seed=s.seed, op=self.operator(truth.size))
         res.truth, res.sigma_y = truth, meas.sigma_y
+        for w in self.task.measurement_warnings(self.acq, meas):
+            if w not in self._warned:  # the same acquisition warns once, not once per case
+                self._warned.add(w)
+                print(f"recon compare: warning: {w}", file=sys.stderr)
         for run in self.runs:
             try:
                 img, _, seconds, _ = run_method(run, meas, prior=prior, seed=s.seed,
                                                 samples=s.samples if run.method.stochastic else 1,
-                                                progress=self.method_progress, task=self.task.name)
+                                                progress=self.method_progress, task=self.task.name,
+                                                pixel_mm=known_pixel_mm(truth, self.acq))
                 from recon.metrics import compute_metrics
 
                 m = compute_metrics(img, truth.x)
@@ -223,7 +240,7 @@ def run_compare(task, acq, settings: RunSettings, out, log: Callable[[str], None
 def summary_markdown(task, acq, settings: RunSettings, rows, n_cases, failures, slices=None) -> str:
     names = list(settings.methods)
     info = {"task": task.name, "methods": ",".join(names), "seed": settings.seed,
-            "size": settings.size or "native (prior's image size for score methods)",
+            "size": settings.size if settings.size is not None else "native (prior's image size for score methods)",
             "slices": slices, "prior": settings.prior,
             "param": " ".join(settings.param_text) or None,
             "samples": (f"{settings.samples} per case for score methods (their mean is scored)"

@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,8 @@ from recon.device import synchronize
 from recon.errors import ReconError
 
 __all__ = ["RunSettings", "MethodRun", "PriorCache", "parse_value", "parse_params", "plan_methods",
-           "run_method", "check_samples", "working_window_and_size", "progress_bar"]
+           "run_method", "check_samples", "working_window_and_size", "progress_bar", "check_option_values",
+           "check_memory"]
 
 
 @dataclass
@@ -43,16 +46,21 @@ class RunSettings:
     progress: bool = False
     debug: bool = False
     force: bool = False
+    force_modality: bool = False
 
     def __post_init__(self):
         if isinstance(self.methods, str):
             self.methods = [m.strip() for m in self.methods.split(",")]
         if not self.methods or any(not m for m in self.methods):
-            raise ReconError(f"methods: expected comma-separated method names, got {','.join(self.methods)!r}")
-        if self.samples < 1:
-            raise ReconError(f"--samples must be >= 1, got {self.samples}")
-        if self.size is not None and self.size < 4:
-            raise ReconError(f"--size must be at least 4, got {self.size}")
+            raise ReconError(f"--methods {','.join(self.methods)!r} has an empty entry (a doubled, leading or trailing "
+                             "comma); expected comma-separated method names like fbp,tv (see `recon methods`)")
+        for option, value, low in (("--samples", self.samples, 1), ("--size", self.size, 4), ("--seed", self.seed, 0)):
+            if value is None and option == "--size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ReconError(f"{option} must be an integer, got {value!r}")
+            if value < low:
+                raise ReconError(f"{option} must be >= {low}, got {value}")
 
     def record(self) -> dict:
         """The settings that change results (for fingerprints and run records)."""
@@ -75,12 +83,65 @@ def check_samples(samples: int, runs) -> None:
 
 def working_window_and_size(acq, size: int | None, prior) -> tuple[tuple, int | None]:
     """HU window: the acquisition's ``--window``, else the prior's, else [-1000, 1000];
-    working size: ``--size``, else the prior's image size, else native (None)."""
+    working size: ``--size``, else native (None) -- score methods too: they apply the prior
+    at its own pixel scale inside (:mod:`recon.multiscale`)."""
     from recon.preprocess import CT_WINDOW
 
     window = getattr(acq, "window", None) or (prior.window if prior is not None and prior.window else None) \
         or CT_WINDOW
-    return tuple(window), size or (prior.image_size if prior is not None else None)
+    return tuple(window), size
+
+
+def known_pixel_mm(truth, acq=None) -> float | None:
+    """The working pixel size in mm when it is known (input spacing or ``--fov``), else None."""
+    fov = getattr(acq, "fov", None)
+    if truth is not None:
+        if fov:
+            return float(fov) / truth.size
+        return truth.pixel_mm if truth.source.dx else None
+    return None
+
+
+# ---------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------
+#: bytes per working pixel: the image, the measurement, a method's iterates and duals
+#: (TV keeps about ten image-sized arrays, complex for MRI) and the outputs, with margin
+BYTES_PER_PIXEL = 128
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo, else the free
+    physical pages), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.3g} GiB" if n < 2 ** 40 else f"{n / 2 ** 40:.3g} TiB"
+
+
+def check_memory(size: int, *, samples: int = 1, slices: int = 1, native: bool = False,
+                 available: int | None = None) -> None:
+    """Refuse, before allocating, a working size whose arrays would not fit in memory
+    (an estimate: ``size**2 * BYTES_PER_PIXEL`` per slice and posterior sample)."""
+    need = int(size) ** 2 * BYTES_PER_PIXEL * max(1, int(samples)) * max(1, int(slices))
+    have = available_memory() if available is None else available
+    if have is None or need <= have:
+        return
+    what = (f"the native working size {size}x{size}" if native else f"--size {size}")
+    extra = f" with --samples {samples}" if samples > 1 else ""
+    raise ReconError(f"{what}{extra} needs about {_gib(need)} of memory but about {_gib(have)} is available; "
+                     f"use a smaller --size (e.g. 256 or 512){' or fewer --samples' if samples > 1 else ''}")
 
 
 # ---------------------------------------------------------------------------
@@ -186,14 +247,73 @@ def plan_methods(names: list[str], task, params: dict, noisy: bool = False) -> l
     unused = sorted(set(params.get(None, {})) - used)
     if unused:
         raise ReconError(f"--param {', '.join(unused)}: not accepted by any of {', '.join(names)}")
-    for r in runs:  # validate option names now, before any work
+    for r in runs:  # validate option names and types now, before any work
         accepted = r.method.options()
         if accepted is not None:
             bad = sorted(set(r.options) - set(accepted))
             if bad:
                 raise ReconError(f"method '{r.name}': unknown option(s) {', '.join(bad)}; accepted "
                                  f"options: {', '.join(accepted)}")
+        r.options = check_option_values(r.name, r.method, r.options)
     return runs
+
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a text value"}
+
+
+def _option_kind(param):
+    """The type an option takes, from its default (int, float, bool, str) or, for a None
+    default, from its annotation (``int | None`` -> int); None when unknown."""
+    import re
+
+    d = param.default
+    if d is not param.empty and d is not None:
+        for kind in (bool, int, float, str):
+            if isinstance(d, kind):
+                return kind
+        return None
+    ann = param.annotation
+    if ann is param.empty:
+        return None
+    text = ann if isinstance(ann, str) else str(ann)
+    for word, kind in (("bool", bool), ("float", float), ("int", int)):
+        if re.search(rf"\b{word}\b", text):
+            return kind
+    return None
+
+
+def check_option_values(name: str, method, options: dict) -> dict:
+    """Options of ``method`` with their types checked against its signature's defaults
+    (a number for a numeric option, true/false for a flag, text for a text option;
+    integral floats become ints).  Ranges are the methods' own checks
+    (:data:`recon.baselines.OPTION_RULES`), made when they run."""
+    sig = getattr(method, "_sig", None)
+    params = sig.parameters if sig is not None else {}
+    out = {}
+    for key, value in options.items():
+        kind = _option_kind(params[key]) if key in params else None
+        if kind is not None:
+            has_default = params[key].default is not params[key].empty and params[key].default is not None
+            bad = ReconError(f"method '{name}': option {key} expects {_KIND_WORDS[kind]}, got {value!r}")
+            if value is None:
+                if has_default:
+                    raise bad
+            elif kind is bool:
+                if not isinstance(value, bool):
+                    raise bad
+            elif kind is str:
+                if not isinstance(value, str):
+                    raise bad
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad
+            elif kind is int:
+                if not math.isfinite(float(value)) or float(value) != int(value):
+                    raise bad
+                value = int(value)
+            else:
+                value = float(value)
+        out[key] = value
+    return out
 
 
 class PriorCache:
@@ -233,14 +353,15 @@ def progress_bar(enabled: bool, total, desc: str):
 
 
 def run_method(run: MethodRun, meas, *, prior=None, seed: int = 0, samples: int = 1,
-               progress: bool = False, task: str | None = None):
+               progress: bool = False, task: str | None = None, pixel_mm: float | None = None):
     """Run one method on a measurement.
 
     Returns ``(image, std, seconds, options)``: ``image`` the real 2-D
     reconstruction (magnitude for complex methods; the posterior mean when
     ``samples > 1``), ``std`` the per-pixel std of the samples or ``None``,
     ``options`` the JSON-able options actually passed.  ``task`` is passed to
-    methods that take it (the score methods' per-task defaults).
+    methods that take it (the score methods' per-task defaults), and so is
+    ``pixel_mm`` when known (the scale between the data and the prior).
     """
     from recon.score_methods import sample_posterior
 
@@ -251,6 +372,8 @@ def run_method(run: MethodRun, meas, *, prior=None, seed: int = 0, samples: int 
         opts["prior"] = prior
     if task is not None and run.accepts("task") and "task" not in opts:
         opts["task"] = task
+    if pixel_mm is not None and run.accepts("pixel_mm") and "pixel_mm" not in opts:
+        opts["pixel_mm"] = float(pixel_mm)
     if run.accepts("sigma_y") and "sigma_y" not in opts:
         opts["sigma_y"] = float(meas.sigma_y)
     if run.accepts("seed") and "seed" not in opts and "generator" not in opts:

@@ -34,9 +34,31 @@ def _div(prior, u, sigma, probes):
     return f.detach(), total / len(probes)
 
 
+#: fewer ODE steps than this give bits/dim too inaccurate to report without a warning
+MIN_RELIABLE_STEPS = 16
+
+
+def reliability_warnings(bits_per_dim: float, n_steps: int) -> list[str]:
+    """Why a bits/dim estimate should not be trusted (empty when nothing is suspicious):
+    a negative value (impossible for data quantised to 256 levels) or too few ODE steps."""
+    out = []
+    if bits_per_dim < 0:
+        out.append(f"bits/dim {bits_per_dim:.3g} is negative, which is impossible for 8-bit-quantised data: "
+                   f"the estimate is unreliable; raise --steps (now {n_steps}, e.g. 64 or more)")
+    if n_steps < MIN_RELIABLE_STEPS:
+        out.append(f"--steps {n_steps} is below {MIN_RELIABLE_STEPS}: the ODE discretisation error makes the "
+                   "estimate unreliable; raise --steps (e.g. 64)")
+    return out
+
+
 def log_likelihood(prior, x: torch.Tensor, *, sigma_min: float = 0.002, sigma_max: float = 20.0,
                    n_steps: int = 64, n_probes: int = 1, generator=None):
     """Return (log p(x) in nats per image, bits per dimension) for x of shape (B, H, W)."""
+    for name, v in (("n_steps", n_steps), ("n_probes", n_probes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ReconError(f"likelihood: {name} must be an integer >= 1, got {v!r}")
+    if not (0 < sigma_min < sigma_max and math.isfinite(sigma_max)):
+        raise ReconError(f"likelihood: need 0 < sigma_min < sigma_max (finite), got {sigma_min}, {sigma_max}")
     if x.dim() != 3:
         raise ValueError(f"expected images of shape (B, H, W), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():

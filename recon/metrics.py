@@ -140,10 +140,14 @@ def center_crop(img: np.ndarray, shape) -> np.ndarray:
 
 
 def compute_metrics(recon: np.ndarray, truth: np.ndarray) -> dict:
-    """PSNR / SSIM / NMSE of ``clip(recon, 0, 1)`` against ``truth`` (both [0, 1], data_range 1)."""
+    """PSNR / SSIM / NMSE of ``clip(recon, 0, 1)`` against ``truth`` (both [0, 1], data_range 1).
+
+    Strict: the shapes must match (a reference of another size is not a ground truth of the
+    same image; crop explicitly with :func:`center_crop` where a convention says so)."""
     r = np.clip(np.asarray(recon, dtype=np.float64), 0, 1)
     t = np.asarray(truth, dtype=np.float64)
     if r.shape != t.shape:
-        r = center_crop(r, t.shape)
+        raise ReconError(f"the reference is {'x'.join(map(str, t.shape))} but the reconstruction "
+                         f"{'x'.join(map(str, r.shape))}; metrics need both at the same size")
     return {"psnr": float(psnr(r, t, data_range=1.0)), "ssim": float(ssim(r, t, data_range=1.0)),
             "nmse": float(nmse(r, t))}

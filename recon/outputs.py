@@ -146,7 +146,8 @@ class OutputFolder:
       ``--out`` may not lie in, and that may not lie in ``--out``.
     * With ``staged=True`` the body writes into :attr:`stage` (a hidden
       folder inside ``--out``); on success every entry is moved into ``--out``
-      (replacing older outputs of the same name), on failure the staging
+      (replacing older outputs of the same name, and removing reserved outputs
+      of an earlier run that this one did not write), on failure the staging
       folder is removed, as are folders this object created if they are
       still empty.
     """
@@ -222,15 +223,28 @@ class OutputFolder:
                 d.rmdir()
 
     def commit(self):
+        """Move the staged outputs in, then remove reserved outputs of an earlier run that this
+        run did not write (e.g. ``dicom/`` of a DICOM run when this one wrote ``recon.nii.gz``,
+        ``metrics.json`` when this run has no ground truth), so the folder holds one run."""
         if self.stage is None:
             return
-        for entry in sorted(self.stage.iterdir()):
+        written = set()
+        for entry in sorted(self.stage.iterdir(), key=lambda e: (e.name == "run.json", e.name)):  # record last
             target = self.path / entry.name
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(entry, target)
+            written.add(entry.name)
         self.stage.rmdir()
         self.stage = None
+        for name in self.reserved:
+            stale = self.path / name
+            if name in written or not (stale.exists() or stale.is_symlink()):
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
 
     def abort(self):
         if self.stage is not None:

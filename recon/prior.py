@@ -138,6 +138,9 @@ def save_prior(prior: Prior, path, raw: nn.Module | None = None) -> Path:
 
 def resolve_prior_path(name_or_path) -> Path:
     p = Path(name_or_path)
+    if p.suffix.lower() in (".pt", ".pth", ".ckpt", ".pkl", ".pickle"):
+        raise ReconError(f"{p}: pickled weights are refused (loading a pickle can run arbitrary code); "
+                         "convert to safetensors (see README, 'Converting a PyTorch checkpoint')")
     if p.suffix == ".safetensors" or p.exists():
         path = p if p.suffix == ".safetensors" else p.with_suffix(".safetensors")
     else:

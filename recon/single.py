@@ -20,7 +20,9 @@ from typing import Callable
 
 
 from recon.errors import ReconError
-from recon.execute import PriorCache, RunSettings, check_samples, plan_methods, run_method, working_window_and_size
+from recon.multiscale import for_data
+from recon.execute import (PriorCache, RunSettings, check_memory, known_pixel_mm, check_samples, plan_methods, run_method,
+                           working_window_and_size)
 from recon.io._util import short
 from recon.outputs import (OutputFolder, entry_name, fingerprint, metrics_csv_text, parse_shard, read_manifest,
                            select_shard, versions, write_json, write_text)
@@ -44,9 +46,17 @@ class Inputs:
 
 def _noise_text(info: dict) -> str:
     model = info.get("model")
-    return {"none": "noise-free", "poisson": f"Poisson noise, I0={info.get('I0')}",
+    text = {"none": "noise-free", "poisson": f"Poisson noise, I0={info.get('I0')}",
             "gaussian": f"Gaussian noise {info.get('relative_sigma')} x RMS",
             "measured": "measured data"}.get(model, str(model))
+    if info.get("acceleration"):
+        text += f", acceleration {info['acceleration']:.3g}x"
+    return text
+
+
+def warn(task, message: str) -> None:
+    """A warning on stderr (shown even with --quiet: it changes how results should be read)."""
+    print(f"recon {task.name}: warning: {message}", file=sys.stderr)
 
 
 def _fingerprint(task, acq, settings: RunSettings, inputs: Inputs) -> str:
@@ -87,21 +97,23 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         stage = folder.stage
         t0 = time.perf_counter()
         prior, prior_name, source = None, None, None
+        if inputs.path:
+            source = load_source(inputs.path, inputs.series, inputs.slice)
+            task.check_source(source, settings.force_modality)
         if run.score:
-            if inputs.path:
-                source = load_source(inputs.path, inputs.series, inputs.slice)
             prior_name = settings.prior or task.default_prior(source, getattr(acq, "units", "auto"))
             prior = PriorCache(device).get(prior_name)
             prior._recon_source = str(prior_name)
         window, size = working_window_and_size(acq, settings.size, prior)
+        if size is not None or source is not None:
+            check_memory(size if size is not None else min(source.image.shape[-2:]), samples=settings.samples,
+                         native=size is None)
         truth = None
         if measured:
             meas = task.measured(acq, device, size=size, requested_size=settings.size, window=window,
                                  seed=settings.seed, slice_index=inputs.slice)
             timings["load"] = time.perf_counter() - t0
         else:
-            if source is None:
-                source = load_source(inputs.path, inputs.series, inputs.slice)
             truth = task.prepare(source, size, window, getattr(acq, "units", "auto"), getattr(acq, "fov", None))
             timings["load"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -113,8 +125,23 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             timings["simulate"] = time.perf_counter() - t0
         log(f"{label or inputs.path or measured}: {run.name} on {tuple(meas.op.in_shape)} "
             f"({_noise_text(meas.info)}, sigma_y={meas.sigma_y:.3g})")
+        warnings = task.measurement_warnings(acq, meas)
+        for w in warnings:
+            warn(task, w)
+        pixel_mm = known_pixel_mm(truth, acq) if truth is not None else (
+            acq.fov / size if getattr(acq, "fov", None) and size else None)
         img, std, seconds, used = run_method(run, meas, prior=prior, seed=settings.seed, samples=settings.samples,
-                                             progress=settings.progress, task=task.name)
+                                             progress=settings.progress, task=task.name, pixel_mm=pixel_mm)
+        prior_scale = (for_data(prior, meas.op.in_shape, used.get("pixel_mm"), used.get("prior_scale")).describe()
+                       if prior is not None else None)
+        if prior_scale is not None:
+            text = (f"prior scale: {prior_scale['scale_factor']:g} data pixels per prior pixel "
+                    f"({prior_scale['scale_from']}); {prior_scale['action']}")
+            if "WARNING" in text:
+                warn(task, text)
+                warnings.append(text)
+            else:
+                log(text)
         timings["reconstruct"] = seconds
         t0 = time.perf_counter()
         metrics = None
@@ -152,6 +179,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
                         "slice": inputs.slice},
             "method": {"name": run.name, "options": used},
             "prior": prior_name and str(prior_name),
+            "prior_scale": prior_scale,
             "working_size": list(meas.op.in_shape),
             "window": list(window) if task.uses_window(truth) else None,
             "units": task.units_label(truth),
@@ -160,6 +188,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             "sigma_y": meas.sigma_y,
             "samples": settings.samples,
             "metrics": metrics,
+            "warnings": warnings,
             "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
             "outputs": written + ["run.json"],
             "fingerprint": fp or _fingerprint(task, acq, settings, inputs),

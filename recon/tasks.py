@@ -65,6 +65,24 @@ class Task:
     noisy_method_defaults: dict[str, dict] = {}
     #: what the reconstruction's values are when there is no ground truth
     measured_units = "intensity"
+    #: the DICOM Modality this task reconstructs (None: any); see :meth:`check_source`
+    dicom_modality: str | None = None
+
+    def check_source(self, source: Source, force: bool = False) -> None:
+        """Refuse a DICOM input of the other imaging modality (MR for CT, CT for MRI) unless
+        ``force`` (``--force-modality``): its intensities and the simulated physics would not match."""
+        expected = self.dicom_modality
+        found = (source.modality or "").upper()
+        if force or expected is None or source.fmt != "dicom" or found not in ("CT", "MR") or found == expected:
+            return
+        other = {"CT": "ct", "MR": "mri"}[found]
+        raise ReconError(f"{source.path}: the DICOM Modality is {found} but the {self.name} task expects {expected} "
+                         f"images; use `recon {other}` (or `recon compare {other}`), or pass --force-modality to "
+                         f"reconstruct it as {expected} anyway")
+
+    def measurement_warnings(self, acq, meas: Measurement) -> list[str]:
+        """Things the user should know about the measurement actually made (one line each)."""
+        return []
 
     # -- intensities -----------------------------------------------------------
     def units_for(self, source: Source, mode: str) -> str:
@@ -159,6 +177,7 @@ class CTTask(Task):
     description = "sparse-view / limited-angle CT (parallel or fan beam)"
     acquisition_type = CTAcquisition
     measured_units = "HU"
+    dicom_modality = "CT"
     # tuned on totalseg_example_j2k slices 5 and 15 at 128 px (23/60 views; I0 = 1e5 for noisy).
     # Noise-free: lam 1e-5 / 3e-6 / 1e-6 / 3e-7 / 1e-7 / 1e-8 gave 34.9 / 35.0 / 35.1 / 35.1 / 35.2 / 31.6 dB
     # at 23 views and 43.4 / 44.6 / 45.1 / 45.8 / 46.4 / 46.0 dB at 60 views: with exact data TV works
@@ -219,6 +238,33 @@ class CTTask(Task):
 
 
 # ---------------------------------------------------------------------------
+def _central_energy_fraction(a: np.ndarray) -> float:
+    """Fraction of the energy of ``a`` (``(C, H, W)``, summed over coils) in its central
+    ``H/8 x W/8`` block."""
+    e = (np.abs(a.astype(np.complex64)) ** 2).reshape(-1, *a.shape[-2:]).sum(0)
+    H, W = e.shape
+    h, w = max(2, H // 8), max(2, W // 8)
+    r0, c0 = H // 2 - h // 2, W // 2 - w // 2
+    total = float(e.sum())
+    return float(e[r0:r0 + h, c0:c0 + w].sum()) / total if total > 0 else 0.0
+
+
+def _refuse_image_as_kspace(k: np.ndarray, path) -> None:
+    """Refuse a complex IMAGE passed as k-space.  Centred k-space concentrates its energy in
+    a peak at the centre (low frequencies) and its inverse FFT spreads it over the object;
+    an image is the other way round.  Refused only when the transform is clearly more
+    concentrated (twice, and at least a quarter of the energy), so uncentred or noise-like
+    data pass."""
+    from recon.io import kspace_to_image
+
+    here = _central_energy_fraction(k)
+    there = _central_energy_fraction(kspace_to_image(k))
+    if there > 2 * here and there > 0.25:
+        raise ReconError(f"{path}: this looks like a complex image, not k-space: {here:.0%} of its energy lies in the "
+                         f"central low-frequency block vs {there:.0%} for its Fourier transform (k-space peaks at the "
+                         "centre); pass --from-image to use its centred FFT as the k-space")
+
+
 def _is_kspace_file(entry: str) -> bool:
     low = entry.lower()
     if low.endswith((".h5", ".hdf5", ".cfl", ".hdr")):
@@ -239,6 +285,7 @@ class MRITask(Task):
     description = "undersampled Cartesian MRI (single-coil, or SENSE from multi-coil k-space)"
     acquisition_type = MRIAcquisition
     measured_units = "k-space scale"
+    dicom_modality = "MR"
     # tuned on brain_tumor_progression_t1c slices 5 and 15 at 128 px, 4x equispaced (noisy: --noise 0.02)
     method_defaults = {
         "tv": {"lam": 1e-2, "n_iter": 1000},
@@ -255,10 +302,29 @@ class MRITask(Task):
     def _annotate(self, meas):
         meas.info["acceleration"] = float(meas.op.acceleration)
 
+    def measurement_warnings(self, acq, meas):
+        """The acceleration actually reached, when it is more than 25 % off the requested ``--accel``
+        (masks keep the fully sampled centre, so large factors cannot be reached)."""
+        requested, actual = getattr(acq, "accel", None), meas.info.get("acceleration")
+        if not (requested and actual and acq.mask and not acq.mask_file):
+            return []
+        off = abs(actual - requested) / requested
+        if off <= 0.25:
+            return []
+        why = (f"the fully sampled centre (--center-fraction {acq.center_fraction:g}) is always measured; lower "
+               "--center-fraction or --accel" if actual < requested else "adjust --accel")
+        return [f"--accel {requested:g} was requested but the {acq.mask} mask samples 1/{actual:.3g} of k-space "
+                f"(true acceleration {actual:.3g}x, {off:.0%} off): {why}"]
+
     def uses_window(self, truth):
         return False
 
     def metric_image(self, img, meas):
+        crop = meas.info.get("reference_crop")
+        if crop:  # the file's own reference (fastMRI) is a centre crop of the reconstruction
+            from recon.metrics import center_crop
+
+            img = center_crop(img, tuple(crop))
         if meas.info.get("undersampled_input"):  # measured undersampled data: both scaled by their maximum
             return img / max(float(img.max()), 1e-12)
         return img
@@ -299,7 +365,7 @@ class MRITask(Task):
         from forward_models import CartesianMRI, GaussianNoise, SenseMRI, estimate_sensitivity_maps
         from recon.io import kspace_to_image, read_kspace
 
-        if requested_size:
+        if requested_size is not None:
             raise ReconError("--size cannot be used with --kspace: the k-space sets the image size")
         path = Path(acq.kspace)
         suffix = path.suffix.lower()
@@ -311,6 +377,8 @@ class MRITask(Task):
         k = np.asarray(ks.data[k_index])  # (C, H, W)
         check_finite(k, str(path))
         C, H, W = k.shape
+        if not acq.from_image:
+            _refuse_image_as_kspace(k, path)
         pattern = (np.abs(k) > 0).any(0)
         fraction = float(pattern.mean())
         if fraction == 0:
@@ -361,6 +429,8 @@ class MRITask(Task):
         info["sigma_y"] = sigma_y
         reference, ref_name = self._reference(acq, ks, slice_arg, k_index, undersampled, rss)
         if reference is not None:
+            if reference.shape != (H, W):
+                info["reference_crop"] = list(reference.shape)
             info["reference"] = ref_name
             info["metrics_scale"] = ("reconstruction and reference each divided by their maximum"
                                      if undersampled else "both divided by the fully sampled maximum")
@@ -368,7 +438,11 @@ class MRITask(Task):
 
     @staticmethod
     def _reference(acq, ks, slice_arg, k_index, undersampled, rss):
-        """Reference for metrics: --reference > the file's own reference > the fully sampled RSS."""
+        """Reference for metrics: --reference > the file's own reference > the fully sampled RSS.
+
+        ``--reference`` must have the reconstruction's shape (the k-space's); the file's own
+        reference may be a centre crop of it (fastMRI's 320x320), never larger."""
+        H, W = rss.shape
         reference, ref_name = None, None
         if acq.reference:
             from recon.io import read_cfl, read_input
@@ -384,9 +458,17 @@ class MRITask(Task):
                 vol = read_input(rp)
                 reference = np.abs(vol.data[vol.middle_index()])
             ref_name = str(rp)
+            if tuple(reference.shape) != (H, W):
+                raise ReconError(f"{rp}: --reference is {'x'.join(map(str, reference.shape))} but the reconstruction "
+                                 f"is {H}x{W} (the k-space's size); metrics need a reference of the same object at "
+                                 "the same size - give a matching reference or leave out --reference")
         elif ks.reference is not None:
             reference = ks.reference[0 if slice_arg is not None else k_index]
             ref_name = ks.reference_name
+            h, w = reference.shape
+            if h > H or w > W:
+                raise ReconError(f"{ks.source}: its reference {ref_name} is {h}x{w}, larger than the reconstruction "
+                                 f"({H}x{W}); give a matching --reference")
         elif not undersampled:
             reference, ref_name = rss, "RSS of the fully sampled k-space"
         if reference is None:

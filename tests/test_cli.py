@@ -208,10 +208,17 @@ def test_ct_score_method_with_tiny_prior_and_samples(phantom, tmp_path, capsys):
                   "--param", "n_steps=3", "--samples", 2, "--out", out], capsys)
     assert rc == 0
     std = np.load(out / "std.npy")
-    assert std.shape == (16, 16) and (out / "std.png").exists()  # the prior's image size
+    assert std.shape == (32, 32) and (out / "std.png").exists()  # the data's own size, not the prior's 16
     run = json.loads((out / "run.json").read_text())
     assert run["method"]["options"]["n_steps"] == 3 and run["samples"] == 2
     assert run["method"]["options"]["prior"] == str(prior)
+    assert run["working_size"] == [32, 32] and run["prior_scale"]["scale_factor"] == 2.0
+    assert "two bands" in run["prior_scale"]["action"]
+    # --size still picks a working size (for speed); at the prior's size the prior runs as it is
+    rc, _ = _run(["ct", phantom, "--views", 8, "--method", "score-fast", "--prior", prior, "--size", 16,
+                  "--param", "n_steps=3", "--out", tmp_path / "s16"], capsys)
+    run = json.loads((tmp_path / "s16" / "run.json").read_text())
+    assert rc == 0 and run["working_size"] == [16, 16] and run["prior_scale"]["scale_factor"] == 1.0
 
 
 def test_ct_deterministic_method_refuses_samples(phantom, tmp_path, capsys):
@@ -312,7 +319,7 @@ def test_compare_failing_method_is_logged_and_run_continues(png_folder, tmp_path
     assert "Failures" in (out / "summary.md").read_text()
 
 
-def test_compare_mri_and_inpaint_with_score_prior_size(png_folder, tmp_path, capsys):
+def test_compare_mri_and_inpaint_with_score_prior_at_native_size(png_folder, tmp_path, capsys):
     prior = _tiny_prior_file(tmp_path, modality="mri")
     out = tmp_path / "mri"
     rc, _ = _run(["compare", "mri", "--data", png_folder, "--methods", "zero-filled,score-fast",
@@ -322,7 +329,7 @@ def test_compare_mri_and_inpaint_with_score_prior_size(png_folder, tmp_path, cap
     rows = list(csv.reader(open(out / "metrics.csv")))
     assert rows[0] == HEADER and len(rows) == 5
     case = json.loads((out / "cases" / "a.json").read_text())
-    assert case["size"] == 16  # a score method sets the prior's image size for every method
+    assert case["size"] == 32  # every method, score methods too, works at the data's own size
     rc, _ = _run(["compare", "inpaint", "--data", png_folder, "--methods", "biharmonic,tv",
                   "--param", "tv.n_iter=10", "--mask", "random", "--keep-ratio", 0.5, "--max-cases", 1,
                   "--out", tmp_path / "inp"], capsys)
