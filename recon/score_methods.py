@@ -6,6 +6,15 @@
                     Karras schedule (DDS-style, <= 100 network evaluations).
 * ``dps``        -- diffusion posterior sampling (Chung et al., ICLR 2023).
 
+They reconstruct at the operator's own image size, any size: the prior is
+applied through :func:`recon.multiscale.for_data` (the learned band at the
+prior's pixel scale, a Gaussian detail band at the data's), and every noise
+level of the samplers is multiplied by the scale factor between the two, so
+the network sees its own noise range.  ``pixel_mm`` (the data's pixel size,
+when known) sets that factor against the prior's recorded ``pixel_mm``;
+otherwise the field of view is assumed to match the prior's training images;
+``prior_scale`` sets the factor directly.
+
 Each takes ``prior`` (a shipped name, a path, or a loaded ``Prior``), ``seed``
 (or an explicit ``generator``), ``sigma_y``, the standard deviation of the
 measurement noise in the units of y (0 for noise-free data), and ``task``
@@ -19,18 +28,28 @@ from __future__ import annotations
 import torch
 
 from forward_models import operator_kind
+from recon.baselines import check_options
 from recon.errors import ReconError
-from recon.prior import Prior, load_prior
+from recon.multiscale import for_data
+from recon.prior import load_prior
 from recon.samplers import ProjectionConsistency, dds_sample, dps_sample, pc_sample
 
 
-def _prior(prior, device) -> Prior:
+def _prior(prior, device, op=None, pixel_mm: float | None = None, prior_scale: float | None = None):
+    """The prior, loaded and on ``device``; with ``op``, wrapped for the operator's image size."""
     if prior is None:
         raise ReconError("score-based methods need a prior: pass prior='ct' / 'brain-mri' or a path "
                          "(on the command line: --prior NAME)")
     if isinstance(prior, (str, bytes)) or hasattr(prior, "__fspath__"):
-        return load_prior(prior, device=device)
-    return prior.to(device) if hasattr(prior, "to") else prior
+        prior = load_prior(prior, device=device)
+    elif hasattr(prior, "to"):
+        prior = prior.to(device)
+    if op is None:
+        return prior
+    for name, v in (("pixel_mm", pixel_mm), ("prior_scale", prior_scale)):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            raise ReconError(f"{name} must be a positive number, got {v!r}")
+    return for_data(prior, op.in_shape, pixel_mm, prior_scale)
 
 
 def _defaults(prior, method: str, op, task: str | None) -> dict:
@@ -53,19 +72,22 @@ def _check_2d(op):
 
 def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None = None, lam: float | None = None,
              n_corrector: int | None = None, inverse_iters: int | None = None, sigma_y: float = 0.0, seed: int = 0,
-             generator=None, callback=None, task: str | None = None):
+             generator=None, callback=None, task: str | None = None, pixel_mm: float | None = None,
+             prior_scale: float | None = None):
     """Predictor-corrector sampling with projection data consistency (Song et al. 2022)."""
-    p = _prior(prior, y.device)
     _check_2d(op)
+    p = _prior(prior, y.device, op, pixel_mm, prior_scale)
     d = {"n_steps": 500, "snr": 0.16, "lam": 1.0, "n_corrector": 1, "inverse_iters": 10, **_defaults(p, "score", op, task)}
     for k, v in dict(n_steps=n_steps, snr=snr, lam=lam, n_corrector=n_corrector, inverse_iters=inverse_iters).items():
         if v is not None:
             d[k] = v
+    d = check_options("score", **d)
+    sigma_y = check_options("score", sigma_y=sigma_y)["sigma_y"]
     g = _generator(y, seed, generator)
     dc = ProjectionConsistency(y, op, lam=d["lam"], sigma_y=sigma_y, generator=g, inverse_iters=int(d["inverse_iters"]))
     dtype = y.real.dtype
     with torch.no_grad():
-        x = pc_sample(p, (y.shape[0], *op.in_shape), n_steps=int(d["n_steps"]), snr=float(d["snr"]),
+        x = pc_sample(p, (y.shape[0], *op.in_shape), sde=p.sde, n_steps=int(d["n_steps"]), snr=float(d["snr"]),
                       n_corrector=int(d["n_corrector"]), consistency=dc, generator=g, dtype=dtype,
                       device=y.device, callback=callback, final_lam=1.0 if sigma_y == 0 else None)
     return x.clamp(0, 1)
@@ -73,33 +95,40 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
 
 def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int | None = None,
                final_cg_iters: int | None = None, sigma_max: float | None = None, eta: float | None = None,
-               sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None):
+               sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None,
+               pixel_mm: float | None = None, prior_scale: float | None = None):
     """Fast solver: Tweedie + CG + re-noising (DDS-style), n_steps network evaluations."""
-    p = _prior(prior, y.device)
     _check_2d(op)
+    p = _prior(prior, y.device, op, pixel_mm, prior_scale)
     d = {"n_steps": 100, "cg_iters": 10, "final_cg_iters": None, "sigma_max": 3.0, "eta": 1.0,
          **_defaults(p, "score-fast", op, task)}
     for k, v in dict(n_steps=n_steps, cg_iters=cg_iters, final_cg_iters=final_cg_iters, sigma_max=sigma_max,
                      eta=eta).items():
         if v is not None:
             d[k] = v
+    d = check_options("score-fast", **d)
+    sigma_y = check_options("score-fast", sigma_y=sigma_y)["sigma_y"]
     with torch.no_grad():
         return dds_sample(y, op, p, n_steps=int(d["n_steps"]), cg_iters=int(d["cg_iters"]),
                           final_cg_iters=None if d["final_cg_iters"] is None else int(d["final_cg_iters"]),
-                          sigma_max=float(d["sigma_max"]), eta=float(d["eta"]), sigma_y=sigma_y,
-                          generator=_generator(y, seed, generator), callback=callback)
+                          sigma_max=float(d["sigma_max"]) * p.sigma_scale, sigma_min=0.002 * p.sigma_scale,
+                          eta=float(d["eta"]), sigma_y=sigma_y, generator=_generator(y, seed, generator),
+                          callback=callback)
 
 
 def dps(y, op, *, prior=None, n_steps: int | None = None, zeta: float | None = None, sigma_max: float | None = None,
-        sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None):
+        sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None,
+        pixel_mm: float | None = None, prior_scale: float | None = None):
     """Diffusion posterior sampling (Chung et al. 2023)."""
-    p = _prior(prior, y.device)
     _check_2d(op)
+    p = _prior(prior, y.device, op, pixel_mm, prior_scale)
     d = {"n_steps": 500, "zeta": 1.0, "sigma_max": 10.0, **_defaults(p, "dps", op, task)}
     for k, v in dict(n_steps=n_steps, zeta=zeta, sigma_max=sigma_max).items():
         if v is not None:
             d[k] = v
-    x = dps_sample(y, op, p, n_steps=int(d["n_steps"]), zeta=float(d["zeta"]), sigma_max=float(d["sigma_max"]),
+    d = check_options("dps", **d)
+    x = dps_sample(y, op, p, n_steps=int(d["n_steps"]), zeta=float(d["zeta"]),
+                   sigma_max=float(d["sigma_max"]) * p.sigma_scale, sigma_min=0.002 * p.sigma_scale,
                    generator=_generator(y, seed, generator), callback=callback, clip=(0.0, 1.0))
     return x.clamp(0, 1)
 
