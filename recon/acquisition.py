@@ -155,6 +155,10 @@ class CTAcquisition(_Acquisition):
                    f"--detector-distance {self.detector_distance:g} is shorter than --source-distance "
                    f"{self.source_distance:g} (both from the source, in image widths); the detector must lie beyond "
                    "the rotation axis, e.g. --detector-distance 4")
+            for option, value in (("--source-distance", self.source_distance),
+                                  ("--detector-distance", self.detector_distance)):
+                _check(value <= 1000, f"{option} {value:g} is more than 1000 image widths: that is a parallel "
+                                      "beam in all but name; use --geometry parallel")
         object.__setattr__(self, "window", parse_window(self.window))
 
     @property

@@ -33,7 +33,6 @@ import json
 import sys
 from pathlib import Path
 
-from recon.device import resolve_device
 from recon.errors import ReconError
 
 
@@ -281,8 +280,15 @@ def run_likelihood(args):
 # bench
 # ---------------------------------------------------------------------------
 def add_bench(sub):
-    p = sub.add_parser("bench", help="benchmarks (operators; fuzz: damaged files through every reader)")
-    p.add_argument("what", choices=["operators", "fuzz"])
+    p = sub.add_parser("bench", help="benchmarks (operators; fuzz: damaged files through every reader; "
+                                      "calibration: posterior std vs error; references: baselines vs SigPy/skimage)")
+    p.add_argument("what", choices=["operators", "fuzz", "calibration", "references"])
+    p.add_argument("--data", default="../shared/data", metavar="DIR",
+                   help="calibration/references: the shared data folder (default ../shared/data)")
+    p.add_argument("--task", choices=["ct", "mri"], default="ct", help="calibration: task (default ct)")
+    p.add_argument("--samples", type=_positive_int, default=8, help="calibration: posterior samples (default 8)")
+    p.add_argument("--accel", type=_positive_float, default=8.0, help="references: MRI acceleration (default 8)")
+    p.add_argument("--out", default=None, metavar="FILE", help="calibration/references: JSON results here")
     p.add_argument("--sizes", default="256,512")
     p.add_argument("--views", default="23,90,180")
     p.add_argument("--n", type=_positive_int, default=1000, help="fuzz: inputs per reader (default 1000)")
@@ -296,6 +302,16 @@ def add_bench(sub):
 
 
 def run_bench(args):
+    if args.what == "calibration":
+        from recon.bench_calibration import bench_calibration
+
+        bench_calibration(args.data, args.task, args.samples, args.out, log=lambda m: print(m, file=sys.stderr))
+        return 0
+    if args.what == "references":
+        from recon.bench_references import bench_references
+
+        bench_references(args.data, args.accel, args.out, log=lambda m: print(m, file=sys.stderr))
+        return 0
     if args.what == "fuzz":
         from recon.fuzz import fuzz_readers
 
@@ -453,8 +469,8 @@ def _method_options(p, multi: bool = False):
                    help="score prior: shipped name (ct, brain-mri) or .safetensors path (default: ct for "
                         "CT, brain-mri for MRI)")
     g.add_argument("--size", type=_size, default=None, metavar="S",
-                   help="working image size SxS (default: the native size after a square centre crop; "
-                        "the prior's image size when a score method runs)")
+                   help="working image size SxS (default: the native size after a square centre crop, for "
+                        "every method; score methods apply their prior at its own scale inside); a speed option")
     g.add_argument("--samples", type=_positive_int, default=1, metavar="K",
                    help=("posterior samples per case for the score methods (score, score-fast, dps): "
                          "their mean is scored; other methods run once (default 1)") if multi else
@@ -696,11 +712,20 @@ _MEMORY_HINT = {
 }
 
 
+def resolve_device(name: str):
+    from recon.device import resolve_device as _resolve  # torch loads here, inside main's handlers
+
+    return _resolve(name)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        parser = build_parser()  # imports the method registry (and torch): Ctrl-C here is an interrupt too
         args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("recon: interrupted", file=sys.stderr)
+        return 130
     except argparse.ArgumentError as e:  # a bad option value: one line, like every other user error
         cmd = next((a for a in argv if a in SUBCOMMANDS), None)
         print(f"recon{' ' + cmd if cmd else ''}: error: {_argument_error_text(e)}", file=sys.stderr)

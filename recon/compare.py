@@ -240,7 +240,7 @@ def run_compare(task, acq, settings: RunSettings, out, log: Callable[[str], None
 def summary_markdown(task, acq, settings: RunSettings, rows, n_cases, failures, slices=None) -> str:
     names = list(settings.methods)
     info = {"task": task.name, "methods": ",".join(names), "seed": settings.seed,
-            "size": settings.size if settings.size is not None else "native (prior's image size for score methods)",
+            "size": settings.size if settings.size is not None else "native",
             "slices": slices, "prior": settings.prior,
             "param": " ".join(settings.param_text) or None,
             "samples": (f"{settings.samples} per case for score methods (their mean is scored)"

@@ -134,6 +134,23 @@ def fingerprint(settings: dict) -> str:
 # ---------------------------------------------------------------------------
 # output folders
 # ---------------------------------------------------------------------------
+def _remove_orphaned_stages(folder: Path) -> None:
+    """Remove staging folders whose process is gone (a run killed with SIGKILL cannot clean up).
+    Their names carry the writer's process id; a folder of a live process (another shard) stays."""
+    for stage in folder.glob(".recon-staging-*"):
+        parts = stage.name.split("-")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+        if pid is None or not stage.is_dir():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # alive (or not ours to signal): keep it
+        except ProcessLookupError:
+            shutil.rmtree(stage, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
 class OutputFolder:
     """``--out``: created and checked up front; outputs staged and moved in at the end.
 
@@ -214,7 +231,8 @@ class OutputFolder:
             raise ReconError(f"{p}: the output folder is not writable ({short(e)}); choose a "
                              "writable location") from None
         if self.staged:
-            self.stage = Path(tempfile.mkdtemp(prefix=".recon-staging-", dir=p))
+            _remove_orphaned_stages(p)
+            self.stage = Path(tempfile.mkdtemp(prefix=f".recon-staging-{os.getpid()}-", dir=p))
         return self
 
     def _cleanup_created(self):

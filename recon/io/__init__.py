@@ -3,8 +3,12 @@
 Images become a :class:`Volume` (``data`` float32 ``(slices, rows, cols)``,
 ``spacing`` ``(dz, dy, dx)`` mm, ``affine`` voxel->RAS or ``None``, DICOM
 ``datasets``, ``meta``); see :mod:`recon.io.volume` for the conventions.
-Every user-facing failure is a :class:`recon.errors.ReconError`; every writer
-writes to a temporary file in the target folder and renames it into place.
+Every user-facing failure is a :class:`recon.errors.ReconError` (damaged files
+included: ``recon bench fuzz`` checks this with mutated inputs of every format);
+array sizes read from a header are checked against the file and against
+``RECON_MAX_BYTES`` (default 8 GiB decoded) before anything is allocated.
+Every writer writes to a temporary file in the target folder and renames it
+into place.
 """
 
 from recon.io.cases import Case, discover_cases

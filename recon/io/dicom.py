@@ -47,7 +47,8 @@ import numpy as np
 import pydicom
 from pydicom import config as _pdconfig
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                         generate_uid)
 
 try:  # pydicom >= 3
     from pydicom.pixels import apply_modality_lut
@@ -60,7 +61,7 @@ except ImportError:  # pragma: no cover - very old pydicom
     _validate_value = None
 
 from recon.errors import ReconError
-from recon.io._util import atomic_output, quiet, short
+from recon.io._util import BoundedReader, atomic_output, check_size, quiet, short
 from recon.io.volume import LPS_TO_RAS, Volume
 
 __all__ = [
@@ -156,10 +157,29 @@ def _corrupt(path: Path, exc: BaseException | None = None, what: str = "DICOM fi
 
 def _read(path: Path, kind: str, header_only: bool) -> Dataset:
     try:
-        with quiet():
-            return pydicom.dcmread(path, stop_before_pixels=header_only, force=(kind == "raw"))
+        with quiet(), BoundedReader(path) as fh:  # a corrupt length cannot allocate past the file
+            ds = pydicom.dcmread(fh, stop_before_pixels=header_only, force=(kind == "raw"))
+        _set_transfer_syntax(ds)
+        return ds
     except Exception as exc:  # pydicom raises InvalidDicomError, EOFError, struct.error, ...
         raise _corrupt(path, exc) from exc
+
+
+def _set_transfer_syntax(ds: Dataset) -> None:
+    """A dataset without file meta (read by content) gets the transfer syntax
+    it was actually encoded in, so that its pixel data can be decoded."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    encoding = getattr(ds, "original_encoding", None)
+    implicit, little = encoding if encoding else (getattr(ds, "is_implicit_VR", None),
+                                                  getattr(ds, "is_little_endian", None))
+    if implicit is None or little is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _floats(value: Any, n: int | None = None) -> np.ndarray | None:
@@ -182,6 +202,11 @@ def _floats(value: Any, n: int | None = None) -> np.ndarray | None:
 def _float(value: Any) -> float | None:
     arr = _floats(value, 1)
     return None if arr is None else float(arr[0])
+
+
+def _positive(arr: np.ndarray | None) -> np.ndarray | None:
+    """``arr`` when every value is > 0 (spacings, thicknesses), else None."""
+    return arr if arr is not None and np.all(arr > 0) else None
 
 
 def _first(value: Any) -> Any:
@@ -243,12 +268,18 @@ def _frames_from_header(path: Path, kind: str, ds: Dataset) -> list[_Frame]:
     n_frames = _int(ds.get("NumberOfFrames")) or 1
     if not 1 <= n_frames <= _MAX_FRAMES:
         raise _corrupt(path, what=f"DICOM image (NumberOfFrames {n_frames})")
+    samples = _int(ds.get("SamplesPerPixel")) or 1
+    bits = _int(ds.get("BitsAllocated")) or 16
+    # decoded as float32 (colour via float64): refuse absurd dims before any pixel is decoded
+    check_size(path, (n_frames, rows, cols, max(samples, 1)), "DICOM pixel data",
+               max(8 if samples > 1 else 4, -(-bits // 8)))
     top_ipp = _floats(ds.get("ImagePositionPatient"), 3)
     top_iop = _floats(ds.get("ImageOrientationPatient"), 6)
-    top_ps = _floats(ds.get("PixelSpacing"), 2)
+    top_ps = _positive(_floats(ds.get("PixelSpacing"), 2))
     if top_ps is None:
-        top_ps = _floats(ds.get("ImagerPixelSpacing"), 2)
+        top_ps = _positive(_floats(ds.get("ImagerPixelSpacing"), 2))
     top_th = _float(ds.get("SliceThickness"))
+    top_th = top_th if top_th is not None and top_th > 0 else None
     instance = _int(ds.get("InstanceNumber"))
     top_win = None
     wc, ww = _float(_first(ds.get("WindowCenter"))), _float(_first(ds.get("WindowWidth")))
@@ -273,8 +304,9 @@ def _frames_from_header(path: Path, kind: str, ds: Dataset) -> list[_Frame]:
         groups = [per_frame[i] if per_frame is not None else None, shared]
         ipp = _floats(_group_item(groups, "PlanePositionSequence", "ImagePositionPatient"), 3)
         iop = _floats(_group_item(groups, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-        ps = _floats(_group_item(groups, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        ps = _positive(_floats(_group_item(groups, "PixelMeasuresSequence", "PixelSpacing"), 2))
         th = _float(_group_item(groups, "PixelMeasuresSequence", "SliceThickness"))
+        th = th if th is not None and th > 0 else None
         slope = _float(_group_item(groups, "PixelValueTransformationSequence", "RescaleSlope"))
         inter = _float(_group_item(groups, "PixelValueTransformationSequence", "RescaleIntercept"))
         fwc = _float(_first(_group_item(groups, "FrameVOILUTSequence", "WindowCenter")))
@@ -468,7 +500,7 @@ def _geometry(frames: list[_Frame], method: str, normal: np.ndarray | None):
             notes["duplicate_positions"] = bool(steps.size < len(frames) - 1)
     if dz is None:
         sbs = _float(first.header.get("SpacingBetweenSlices"))
-        dz = sbs if sbs else (first.thickness if first.thickness else 1.0)
+        dz = sbs if sbs is not None and sbs > 0 else (first.thickness if first.thickness else 1.0)
     spacing = (float(dz), dy, dx)
 
     affine = None

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from recon.errors import ReconError
-from recon.io._util import atomic_output, quiet, require_file, short
+from recon.io._util import BoundedReader, atomic_output, check_size, quiet, require_file, short
 
 __all__ = ["read_image", "read_npy", "write_png", "write_npy", "IMAGE_SUFFIXES",
            "npy_shape"]
@@ -45,6 +45,7 @@ def _to_grey(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _read_raster(path: Path) -> np.ndarray:
+    """Decode the first page; the size the header declares is checked before decoding."""
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         try:
@@ -52,12 +53,25 @@ def _read_raster(path: Path) -> np.ndarray:
         except ImportError:  # pragma: no cover - tifffile comes with scikit-image
             tifffile = None
         if tifffile is not None:
-            with tifffile.TiffFile(str(path)) as tif:
-                return np.asarray(tif.pages[0].asarray())
+            with BoundedReader(path) as fh, tifffile.TiffFile(fh) as tif:
+                if not tif.pages:
+                    raise ValueError("no image in the file (no TIFF pages)")
+                page = tif.pages.first if hasattr(tif.pages, "first") else tif.pages[0]
+                check_size(path, page.shape, "TIFF image", max(np.dtype(page.dtype).itemsize, 4)
+                           if page.dtype is not None else 8)
+                size = path.stat().st_size
+                for offset, count in zip(page.dataoffsets, page.databytecounts):
+                    if offset + count > size:
+                        raise ReconError(f"{path}: TIFF image data at byte {offset} (+{count}) lies "
+                                         f"beyond the end of the file ({size} bytes); the file is "
+                                         "truncated or corrupt - re-export it")
+                return np.asarray(page.asarray())
     from PIL import Image
 
-    with Image.open(path) as img:
+    with BoundedReader(path) as fh, Image.open(fh) as img:
         img.seek(0)
+        bands = len(img.getbands())
+        check_size(path, (img.size[1], img.size[0], bands), f"{suffix[1:].upper()} image", 4)
         if img.mode == "P":
             img = img.convert("RGBA")
         elif img.mode in ("1", "CMYK", "YCbCr", "LAB", "HSV"):
@@ -65,37 +79,63 @@ def _read_raster(path: Path) -> np.ndarray:
         return np.array(img)
 
 
-def npy_shape(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of a ``.npy`` file from its header (data not read)."""
-    path = Path(path)
+_NPY_VERSIONS = ((1, 0), (2, 0), (3, 0))
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int, int]:
+    """``(shape, fortran_order, dtype, data_offset, file_size)`` from a ``.npy`` header."""
     try:
-        with open(path, "rb") as fh:
+        with BoundedReader(path) as fh:  # a corrupt header length cannot allocate past the file
             version = np.lib.format.read_magic(fh)
+            if version not in _NPY_VERSIONS:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
             if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
             else:
-                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            offset = fh.tell()
+            size = os.fstat(fh.fileno()).st_size
     except OSError as exc:
         raise ReconError(f"{path}: cannot open ({short(exc)}); check the path and permissions") from exc
     except Exception as exc:
         raise ReconError(f"{path}: not a valid .npy file ({short(exc)}); re-save it with "
                          "numpy.save") from exc
-    return tuple(int(s) for s in shape), np.dtype(dtype)
+    return tuple(int(s) for s in shape), bool(fortran), np.dtype(dtype), offset, size
+
+
+def _numeric(dtype: np.dtype) -> bool:
+    return dtype.fields is None and dtype.kind in "biufc"
+
+
+def npy_shape(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ``.npy`` file from its header (data not read)."""
+    shape, _, dtype, _, _ = _npy_header(Path(path))
+    return shape, dtype
 
 
 def read_npy(path: str | os.PathLike) -> np.ndarray:
-    """Any real or complex numeric ``.npy`` array (no pickles), as float32/complex64."""
+    """Any real or complex numeric ``.npy`` array (no pickles), as float32/complex64.
+
+    The header is checked first: numeric dtype, a non-empty shape whose data
+    the file holds, and at most :func:`recon.io._util.max_bytes` once decoded."""
     path = require_file(path)
+    shape, _, dtype, offset, size = _npy_header(path)
+    if not _numeric(dtype):
+        raise ReconError(f"{path}: .npy holds {dtype} data; expected a numeric (real or complex) "
+                         "array - re-save it with numpy.save(path, array.astype('float32'))")
+    out_itemsize = 8 if dtype.kind == "c" else 4
+    check_size(path, shape, ".npy array", max(out_itemsize, dtype.itemsize),
+               available=size - offset, stored_itemsize=dtype.itemsize)
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise ReconError(f"{path}: cannot read this .npy file: it is truncated, corrupt or holds "
                          f"Python objects ({short(exc)}); re-save it with numpy.save") from exc
-    if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.number)
-                                               or arr.dtype == np.bool_):
-        raise ReconError(f"{path}: .npy holds {getattr(arr, 'dtype', type(arr))} data; expected a "
-                         "numeric array")
-    return arr.astype(np.complex64 if np.iscomplexobj(arr) else np.float32)
+    if not isinstance(arr, np.ndarray) or not _numeric(arr.dtype) or arr.size == 0:
+        raise ReconError(f"{path}: .npy holds {getattr(arr, 'dtype', type(arr))} data of shape "
+                         f"{getattr(arr, 'shape', '?')}; expected a non-empty numeric array")
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf
+        return arr.astype(np.complex64 if np.iscomplexobj(arr) else np.float32)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -117,9 +157,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with quiet():
             arr = _read_raster(path)
+    except ReconError:
+        raise
     except Exception as exc:  # PIL.UnidentifiedImageError, OSError (truncated), tifffile errors
         raise ReconError(f"{path}: cannot read this image: it is truncated, corrupt or not a "
                          f"{suffix[1:].upper()} file ({short(exc)}); re-export it") from exc
+    if arr.size == 0 or arr.dtype.kind not in "biufc":
+        raise ReconError(f"{path}: the image holds no pixel values (shape {arr.shape}, "
+                         f"{arr.dtype}); re-export it")
     if np.iscomplexobj(arr):
         return _to_grey(arr, path).astype(np.complex64)
     return np.asarray(_to_grey(arr, path), dtype=np.float32)

@@ -34,13 +34,15 @@ from typing import Any
 import numpy as np
 
 from recon.errors import ReconError
-from recon.io._util import atomic_output, require_file, short
+from recon.io._util import atomic_output, check_size, require_file, short
 
 __all__ = ["KSpace", "read_kspace", "read_cfl", "write_cfl", "read_complex_image",
            "image_to_kspace", "kspace_to_image", "KSPACE_SUFFIXES"]
 
 KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr", ".npy")
 _REFERENCE_NAMES = ("reconstruction_rss", "reconstruction_esc")
+#: BART's DIMS: a ``.hdr`` lists at most this many dims (trailing singleton dims beyond it are dropped).
+_BART_DIMS = 16
 
 
 @dataclass(eq=False)
@@ -133,6 +135,12 @@ def _read_hdr(hdr: Path) -> list[int]:
             except ValueError:
                 break
             if dims and all(d >= 1 for d in dims):
+                while len(dims) > _BART_DIMS and dims[-1] == 1:
+                    dims.pop()
+                if len(dims) > _BART_DIMS:
+                    raise ReconError(f"{hdr}: lists {len(dims)} dims with non-singleton dims beyond the "
+                                     f"{_BART_DIMS} BART supports; the header is corrupt - re-write it "
+                                     "with bart or write_cfl")
                 return dims
             break
     raise ReconError(f"{hdr}: not a valid BART header (needs a '# Dimensions' line followed by "
@@ -149,9 +157,9 @@ def read_cfl(path_base: str | os.PathLike, squeeze: bool = True) -> np.ndarray:
         if not p.is_file():
             raise ReconError(f"{p}: missing; a BART array needs both {hdr.name} and {cfl.name}")
     dims = _read_hdr(hdr)
-    count = int(np.prod(dims))
-    expected = count * 8
     actual = cfl.stat().st_size
+    count = check_size(cfl, dims, f"the array ({hdr.name} dims)", 8, available=actual)
+    expected = count * 8
     if actual != expected:
         raise ReconError(f"{cfl}: holds {actual} bytes but {hdr.name} dims {dims} need "
                          f"{expected} (complex64); the file is truncated or the header does not "
@@ -160,6 +168,8 @@ def read_cfl(path_base: str | os.PathLike, squeeze: bool = True) -> np.ndarray:
         flat = np.fromfile(cfl, dtype="<c8", count=count)
     except Exception as exc:
         raise ReconError(f"{cfl}: cannot read ({short(exc)})") from exc
+    if flat.size != count:
+        raise ReconError(f"{cfl}: read {flat.size} of {count} values; the file changed or is unreadable")
     arr = flat.reshape(dims, order="F")
     if squeeze:
         while arr.ndim > 1 and arr.shape[-1] == 1:
@@ -224,17 +234,29 @@ def _h5_error(path: Path, exc: BaseException) -> ReconError:
                       f"HDF5 ({short(exc)}); re-download or re-export it")
 
 
-def _as_complex(arr: np.ndarray, path: Path, name: str) -> np.ndarray:
-    if np.iscomplexobj(arr):
+def _complex_kind(dtype: np.dtype, shape: tuple) -> str | None:
+    """How a stored k-space dtype becomes complex: 'complex', 'ri', 'real_imag',
+    'pairs' (float with a last axis of 2), or None (not k-space)."""
+    names = dtype.names or ()
+    if dtype.kind == "c":
+        return "complex"
+    for kind, (re_name, im_name) in (("ri", ("r", "i")), ("real_imag", ("real", "imag"))):
+        if {re_name, im_name} <= set(names) and all(
+                dtype.fields[n][0].kind in "iuf" and dtype.fields[n][0].shape == () for n in (re_name, im_name)):
+            return kind
+    if not names and dtype.kind == "f" and len(shape) >= 3 and shape[-1] == 2:
+        return "pairs"
+    return None
+
+
+def _as_complex(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "complex":
         return arr.astype(np.complex64)
-    if arr.dtype.names and {"r", "i"} <= set(arr.dtype.names):
+    if kind == "ri":
         return (arr["r"] + 1j * arr["i"]).astype(np.complex64)
-    if arr.dtype.names and {"real", "imag"} <= set(arr.dtype.names):
+    if kind == "real_imag":
         return (arr["real"] + 1j * arr["imag"]).astype(np.complex64)
-    if arr.ndim >= 3 and arr.shape[-1] == 2 and np.issubdtype(arr.dtype, np.floating):
-        return (arr[..., 0] + 1j * arr[..., 1]).astype(np.complex64)
-    raise ReconError(f"{path}: dataset '{name}' is real ({arr.dtype}, shape {arr.shape}); "
-                     "k-space must be complex (or real/imaginary pairs in a last axis of 2)")
+    return (arr[..., 0] + 1j * arr[..., 1]).astype(np.complex64)
 
 
 def _attr(value: Any) -> Any:
@@ -245,6 +267,13 @@ def _attr(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+def _dataset_shape(path: Path, ds, name: str) -> tuple[int, ...]:
+    shape = ds.shape
+    if shape is None:  # an HDF5 null dataspace: no values at all
+        raise ReconError(f"{path}: dataset '{name}' holds no values (null dataspace); re-export the file")
+    return tuple(int(d) for d in shape)
 
 
 def _kspace_from_h5(path: Path, dataset: str | None, slice_index: int | None) -> KSpace:
@@ -261,41 +290,62 @@ def _kspace_from_h5(path: Path, dataset: str | None, slice_index: int | None) ->
             fh.visititems(lambda k, obj: present.__setitem__(k, obj)
                           if isinstance(obj, h5py.Dataset) else None)
             if name not in present:
-                listing = ", ".join(f"'{k}' {tuple(v.shape)}" for k, v in sorted(present.items())) \
+                listing = ", ".join(f"'{k}' {v.shape}" for k, v in sorted(present.items())) \
                     or "no datasets"
                 raise ReconError(f"{path}: has no dataset '{name}'; it holds: {listing}; pass the "
                                  "k-space dataset name with --dataset NAME (dataset=...)")
             ds = present[name]
+            shape = _dataset_shape(path, ds, name)
+            kind = _complex_kind(ds.dtype, shape)
+            if kind is None:
+                raise ReconError(f"{path}: dataset '{name}' is {ds.dtype} with shape {shape}; k-space "
+                                 "must be complex (or real/imaginary pairs in a last axis of 2)")
+            spatial = shape[:-1] if kind == "pairs" else shape
+            if len(spatial) not in (2, 3, 4):
+                raise ReconError(f"{path}: dataset '{name}' has shape {shape}; expected "
+                                 "(slices, H, W) or (slices, coils, H, W)")
+            if slice_index is not None:
+                if len(spatial) == 2:
+                    raise ReconError(f"{path}: dataset '{name}' is a single 2D slice {spatial}; "
+                                     "leave out the slice index")
+                if not 0 <= slice_index < shape[0]:
+                    raise ReconError(f"{path}: slice {slice_index} out of range; '{name}' has "
+                                     f"{shape[0]} slices")
             sel = slice(None) if slice_index is None else slice(slice_index, slice_index + 1)
-            if slice_index is not None and not 0 <= slice_index < ds.shape[0]:
-                raise ReconError(f"{path}: slice {slice_index} out of range; '{name}' has "
-                                 f"{ds.shape[0]} slices")
-            arr = _as_complex(np.asarray(ds[sel]), path, name)
+            n_sel = 1 if slice_index is not None else (shape[0] if len(spatial) > 2 else 1)
+            per_slice = spatial[1:] if len(spatial) > 2 else spatial
+            check_size(path, (n_sel,) + tuple(per_slice), f"k-space dataset '{name}'",
+                       max(8, ds.dtype.itemsize))
+            arr = _as_complex(np.asarray(ds[sel] if len(spatial) > 2 else ds[()]), kind)
             if arr.ndim == 2:
                 arr = arr[None, None]
                 layout = f"'{name}' (H, W) -> (1, 1, H, W)"
             elif arr.ndim == 3:
                 arr = arr[:, None]
                 layout = f"'{name}' (slices, H, W) single-coil -> (slices, 1, H, W)"
-            elif arr.ndim == 4:
-                layout = f"'{name}' (slices, coils, H, W)"
             else:
-                raise ReconError(f"{path}: dataset '{name}' has shape {arr.shape}; expected "
-                                 "(slices, H, W) or (slices, coils, H, W)")
+                layout = f"'{name}' (slices, coils, H, W)"
             reference = ref_name = None
             for cand in _REFERENCE_NAMES:
-                if cand in present:
-                    ref = np.asarray(present[cand][sel])
-                    if np.iscomplexobj(ref):
-                        ref = np.abs(ref)
-                    reference, ref_name = ref.astype(np.float32), cand
-                    if reference.ndim == 2:
-                        reference = reference[None]
+                if cand in present and cand != name:
+                    reference, ref_name = _h5_reference(path, present[cand], cand, sel, arr.shape[0],
+                                                        slice_index is not None or len(spatial) == 2)
                     break
-            mask = np.asarray(present["mask"][()]) if "mask" in present else None
+            mask = None
+            if "mask" in present and name != "mask":
+                mds = present["mask"]
+                mshape = _dataset_shape(path, mds, "mask")
+                check_size(path, mshape, "dataset 'mask'", max(8, mds.dtype.itemsize), allow_empty=True)
+                mask = np.asarray(mds[()])
+                if mask.dtype.kind not in "biuf":
+                    raise ReconError(f"{path}: dataset 'mask' is {mask.dtype}; a sampling mask must be "
+                                     "numeric or boolean")
             attrs = {k: _attr(v) for k, v in fh.attrs.items()}
             if "ismrmrd_header" in present:
-                raw = present["ismrmrd_header"][()]
+                hds = present["ismrmrd_header"]
+                check_size(path, _dataset_shape(path, hds, "ismrmrd_header"), "dataset 'ismrmrd_header'",
+                           max(1, hds.dtype.itemsize), allow_empty=True)
+                raw = hds[()]
                 attrs["ismrmrd_header"] = _attr(raw.tobytes() if isinstance(raw, np.ndarray) else raw)
             attrs["datasets"] = sorted(present)
     except ReconError:
@@ -304,6 +354,30 @@ def _kspace_from_h5(path: Path, dataset: str | None, slice_index: int | None) ->
         raise _h5_error(path, exc) from exc
     return KSpace(data=np.ascontiguousarray(arr), reference=reference, reference_name=ref_name,
                   mask=mask, attrs=attrs, source=str(path), layout=layout)
+
+
+def _h5_reference(path: Path, ds, name: str, sel: slice, n_slices: int, single: bool):
+    """The fastMRI reconstruction as float32 ``(n_slices, h, w)``, checked against the k-space."""
+    shape = _dataset_shape(path, ds, name)
+    if ds.dtype.kind not in "biufc" or ds.dtype.names:
+        raise ReconError(f"{path}: reference dataset '{name}' is {ds.dtype}; expected real or complex "
+                         "values - remove or rename it")
+    if len(shape) == 2 and single:
+        check_size(path, shape, f"reference dataset '{name}'", max(4, ds.dtype.itemsize))
+        ref = np.asarray(ds[()])[None]
+    elif len(shape) == 3 and shape[0] >= 1:
+        check_size(path, (1 if sel.start is not None else shape[0],) + shape[1:],
+                   f"reference dataset '{name}'", max(4, ds.dtype.itemsize))
+        ref = np.asarray(ds[sel])
+    else:
+        raise ReconError(f"{path}: reference dataset '{name}' has shape {shape}; expected (slices, h, w) "
+                         "like the k-space's slices - remove or rename it")
+    if ref.shape[0] != n_slices:
+        raise ReconError(f"{path}: reference dataset '{name}' has {ref.shape[0]} slice(s) but the k-space "
+                         f"has {n_slices}; the file is inconsistent - remove or rename the reference")
+    if np.iscomplexobj(ref):
+        ref = np.abs(ref)
+    return ref.astype(np.float32), name
 
 
 # ---------------------------------------------------------------------------

@@ -16,18 +16,23 @@ more volumes are refused (split them first).  No reorientation is done.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from recon.errors import ReconError
-from recon.io._util import atomic_output, quiet, require_file, short
+from recon.io._util import atomic_output, check_size, quiet, require_file, short
 from recon.io.volume import Volume
 
 __all__ = ["read_nifti", "write_nifti", "NIFTI_SUFFIXES", "is_nifti_path"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+#: deflate expands at most ~1032:1, so a .nii.gz cannot hold more data than this times its size.
+_GZIP_MAX_RATIO = 1100
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -47,6 +52,7 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     try:
         with quiet():
             img = nib.load(str(path))
+            _check_nifti_size(path, img)
             raw = img.dataobj
             if np.issubdtype(img.get_data_dtype(), np.complexfloating):
                 arr = np.asarray(raw).astype(np.complex64)
@@ -55,6 +61,8 @@ def read_nifti(path: str | os.PathLike) -> Volume:
             affine = np.array(img.affine, dtype=np.float64)
             zooms = tuple(float(z) for z in img.header.get_zooms())
             header = img.header
+    except ReconError:
+        raise
     except Exception as exc:  # ImageFileError, EOFError, zlib/gzip errors, OSError, ...
         raise ReconError(f"{path}: cannot read this NIfTI file: it is truncated, corrupt or not "
                          f"NIfTI ({short(exc)}); re-export or re-download it") from exc
@@ -66,7 +74,19 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise ReconError(f"{path}: NIfTI array has shape {arr.shape}; only 2D/3D volumes are "
                          "supported - split the 4D series into 3D volumes first "
                          "(e.g. fslsplit or nibabel.four_to_three)")
+    if arr.size == 0:
+        raise ReconError(f"{path}: NIfTI array is empty (shape {arr.shape}); the header is corrupt")
     zooms = (zooms + (1.0, 1.0, 1.0))[:3]
+    notes = {}
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        notes["spacing_known"] = False
+        notes["header_pixdim"] = [float(z) for z in zooms]
+        zooms = tuple(z if math.isfinite(z) and z > 0 else 1.0 for z in zooms)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        warnings.warn(f"{path}: the NIfTI header affine is not finite; using voxel sizes {zooms} "
+                      "without orientation or origin", UserWarning, stacklevel=2)
+        notes["header_affine_invalid"] = True
+        affine = np.diag([zooms[0], zooms[1], zooms[2], 1.0])
     data = np.ascontiguousarray(arr.transpose(2, 1, 0))
     descrip = header.get("descrip")
     meta = {
@@ -82,9 +102,23 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         "files": [str(path)],
         "axes": "data[k, j, i] == nifti[i, j, k]",
         "nifti_shape": tuple(int(s) for s in arr.shape),
+        **notes,
     }
     return Volume(data=data, spacing=(zooms[2], zooms[1], zooms[0]), affine=affine,
                   datasets=[], meta=meta)
+
+
+def _check_nifti_size(path: Path, img) -> None:
+    """Refuse dims the file cannot hold (or too large to decode) before nibabel allocates them."""
+    dtype = np.dtype(img.get_data_dtype())
+    shape = tuple(int(d) for d in img.shape)
+    size = path.stat().st_size
+    if path.name.lower().endswith(".gz"):
+        available = size * _GZIP_MAX_RATIO
+    else:
+        available = size - int(img.header.get_data_offset())
+    check_size(path, shape, "NIfTI image", max(dtype.itemsize, 8 if dtype.kind == "c" else 4),
+               available=available, stored_itemsize=dtype.itemsize)
 
 
 def write_nifti(array: np.ndarray | Volume, path: str | os.PathLike,
@@ -118,13 +152,23 @@ def write_nifti(array: np.ndarray | Volume, path: str | os.PathLike,
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
         raise ReconError(f"{path}: the affine must be a finite 4x4 matrix, got shape {aff.shape}")
-    img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)), aff)
-    with quiet():
+    with np.errstate(over="ignore"):
+        aff32 = aff.astype(np.float32)
+    if not np.all(np.isfinite(aff32)):
+        raise ReconError(f"{path}: the affine has entries beyond NIfTI's float32 range "
+                         f"({np.abs(aff).max():.3g}); check the voxel size (e.g. --fov)")
+    # the header is filled here, not by nibabel from the affine: nibabel's qform
+    # decomposition fails on degenerate affines (zero or denormal voxel sizes)
+    img = nib.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)), None)
+    with quiet(), np.errstate(all="ignore"):
         img.header.set_sform(aff, code=1)
         try:
             img.header.set_qform(aff, code=1)
-        except Exception:  # a sheared affine has no exact qform; the sform carries it
+        except Exception:  # a sheared or degenerate affine has no qform; the sform carries it
             img.header.set_qform(None, code=0)
+            zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+            if np.all(np.isfinite(zooms)):
+                img.header.set_zooms(tuple(float(z) for z in zooms))
     with atomic_output(path, _nifti_suffix(path)) as tmp:
         try:
             nib.save(img, str(tmp))
