@@ -30,7 +30,7 @@ from recon.outputs import (OutputFolder, entry_name, fingerprint, metrics_csv_te
 __all__ = ["Inputs", "reconstruct", "run_single", "SINGLE_OUTPUTS"]
 
 SINGLE_OUTPUTS = ("recon.nii.gz", "recon.png", "metrics.json", "run.json", "sinogram.npy", "observed.png",
-                  "std.npy", "std.png", "dicom")
+                  "std.npy", "std.png", "std_calibrated.npy", "dicom")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,14 @@ def _noise_text(info: dict) -> str:
     if info.get("acceleration"):
         text += f", acceleration {info['acceleration']:.3g}x"
     return text
+
+
+def std_calibration(prior, task: str, method: str) -> dict | None:
+    """The prior's measured calibration of the posterior std for ``task``/``method``, if any
+    (``meta['std_calibration'][task][method] = {'scale': c, ...}``, ``recon bench calibration``)."""
+    table = (getattr(prior, "meta", {}) or {}).get("std_calibration", {}) if prior is not None else {}
+    entry = table.get(task, {}).get(method)
+    return dict(entry) if entry and entry.get("scale") else None
 
 
 def warn(task, message: str) -> None:
@@ -160,10 +168,15 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         for name, (kind, arr) in task.extra_outputs(meas).items():
             (write_npy if kind == "npy" else lambda a, p: write_png(a, p, vmin=0.0, vmax=1.0))(arr, stage / name)
             written.append(name)
+        std_scale = None
         if std is not None:
             write_npy(std, stage / "std.npy")
             write_png(std, stage / "std.png", vmin=0.0, vmax=max(float(std.max()), 1e-12))
             written += ["std.npy", "std.png"]
+            std_scale = std_calibration(prior, task.name, run.name)
+            if std_scale is not None:  # the raw std is too narrow: scaled so +-2 std covers 95 % (README)
+                write_npy(std * std_scale["scale"], stage / "std_calibrated.npy")
+                written.append("std_calibrated.npy")
         if metrics is not None:
             written.append("metrics.json")
         timings["write"] = time.perf_counter() - t0
@@ -187,6 +200,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             "measurement": meas.info,
             "sigma_y": meas.sigma_y,
             "samples": settings.samples,
+            "std_calibration": std_scale,
             "metrics": metrics,
             "warnings": warnings,
             "timings_seconds": {k: round(v, 4) for k, v in timings.items()},

@@ -558,3 +558,17 @@ def test_failed_run_leaves_previous_outputs_and_no_staging(phantom, tmp_path, ca
     assert rc == 2
     assert (out / "run.json").read_text() == before
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_samples_write_a_calibrated_std_when_the_prior_has_a_calibration(phantom, tmp_path, capsys):
+    prior = _tiny_prior_file(tmp_path)
+    meta_path = prior.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["std_calibration"] = {"ct": {"score-fast": {"scale": 2.5, "fitted_on": "test"}}}
+    meta_path.write_text(json.dumps(meta))
+    out = tmp_path / "cal"
+    rc, _ = _run(["ct", phantom, "--views", 8, "--method", "score-fast", "--prior", prior,
+                  "--param", "n_steps=3", "--samples", 2, "--out", out], capsys)
+    assert rc == 0
+    assert np.allclose(np.load(out / "std_calibrated.npy"), 2.5 * np.load(out / "std.npy"))
+    assert json.loads((out / "run.json").read_text())["std_calibration"]["scale"] == 2.5
