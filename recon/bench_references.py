@@ -141,7 +141,7 @@ def ct_references(root: Path, views: int = 60, size: int = 128, sart_iters: int 
     from forward_models import ParallelBeamCT, view_angles
     from recon.acquisition import CTAcquisition
     from recon.execute import plan_methods, run_method
-    from recon.metrics import compute_metrics
+    from recon.metrics import center_crop, compute_metrics
     from recon.tasks import TASKS
 
     task, acq = TASKS["ct"], CTAcquisition(views=views)
@@ -158,13 +158,13 @@ def ct_references(root: Path, views: int = 60, size: int = 128, sart_iters: int 
             img, _, sec, _ = run_method(run, meas)
             res[method].append({**compute_metrics(img, truth.x), "seconds": sec, "case": name})
         t0 = time.perf_counter()
-        ref = iradon(sino, theta, output_size=size, filter_name="ramp", circle=False)
+        ref = iradon(sino, theta, output_size=size, filter_name="ramp", circle=False)  # size x size
         res["skimage-iradon"].append({**compute_metrics(ref, truth.x), "seconds": time.perf_counter() - t0})
         t0 = time.perf_counter()
         rec = None
         for _ in range(sart_iters):
             rec = iradon_sart(sino, theta, image=rec)
-        res["skimage-iradon_sart"].append({**compute_metrics(rec, truth.x),
+        res["skimage-iradon_sart"].append({**compute_metrics(center_crop(rec, truth.x.shape), truth.x),
                                            "seconds": time.perf_counter() - t0})
     rows = [{"views": views, "method": k, **_mean(v)} for k, v in res.items()]
     for r in rows:

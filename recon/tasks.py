@@ -341,6 +341,19 @@ class MRITask(Task):
         return {"kspace_scale": meas.info["scale"], "undersampled_input": meas.info["undersampled_input"]}
 
     @staticmethod
+    def estimate_kspace_noise(y: torch.Tensor, mask: torch.Tensor, radius: float = 0.8, min_samples: int = 100) -> float:
+        """Noise std of measured k-space ``y`` (..., H, W) from its sampled periphery (0 if too few samples)."""
+        H, W = y.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64),
+                                indexing="ij")
+        r = torch.hypot((yy - H / 2) / (H / 2), (xx - W / 2) / (W / 2))
+        outer = (mask.to(torch.bool).cpu() & (r > radius))
+        if int(outer.sum()) < min_samples:
+            return 0.0
+        v = y.detach().cpu()[..., outer].real.double().flatten()
+        return float(1.4826 * (v - v.median()).abs().median())
+
+    @staticmethod
     def calibration_size(mask: np.ndarray) -> int:
         """Side of the largest fully sampled square centred at the k-space centre."""
         H, W = mask.shape
@@ -419,7 +432,26 @@ class MRITask(Task):
             op = SenseMRI(maps, mask_t).to(device)
             y = y[None]
             info["calib_size"] = int(calib)
-        sigma_y = float(acq.sigma_y or 0.0)
+        if undersampled:
+            # the zero-filled image underestimates the object's intensity (its peak is spread by the
+            # aliasing): rescale so a least-squares reconstruction's 99.9th percentile is 1, as a fully
+            # sampled image's maximum would be -- priors and clipping work on that [0, 1] scale
+            from forward_models import cgls
+
+            x_ls = cgls(op, y, n_iter=20)
+            peak = float(torch.quantile(x_ls.abs().flatten().float(), 0.999))
+            if peak > 0:
+                y, scale = y / peak, scale * peak
+                info.update(scale=scale, scale_from="99.9th percentile of a 20-iteration least-squares "
+                                                    "reconstruction of the undersampled data")
+        if acq.sigma_y is not None:
+            sigma_y = float(acq.sigma_y)
+            info["sigma_y_from"] = "--sigma-y"
+        else:
+            sigma_y = self.estimate_kspace_noise(y, op.mask)
+            info["sigma_y_from"] = ("robust std (1.4826 x MAD) of the real part of the sampled k-space beyond "
+                                    "80 % of the radius, where the object's signal has faded: measured data "
+                                    "are never noise-free" if sigma_y else "too few outer samples: assumed 0")
         if acq.noise:
             gen = torch.Generator(device=device).manual_seed(seed)
             noise = GaussianNoise(acq.noise, relative=True)

@@ -240,3 +240,17 @@ def test_score_methods_take_the_task_explicitly():
     op = ParallelBeamCT(16, view_angles(4))
     assert _defaults(P(), "score-fast", op, None)["n_steps"] == 7
     assert _defaults(P(), "score-fast", op, "inpaint")["n_steps"] == 9
+
+
+def test_kspace_noise_is_estimated_from_the_sampled_periphery():
+    from recon.tasks import MRITask
+
+    g = torch.Generator().manual_seed(0)
+    H, W = 64, 48
+    yy, xx = torch.meshgrid(torch.arange(H) - H / 2, torch.arange(W) - W / 2, indexing="ij")
+    signal = 50 * torch.exp(-(yy ** 2 + xx ** 2) / 20.0)  # energy at the centre, as in k-space
+    noise = 0.05 * torch.complex(torch.randn(H, W, generator=g), torch.randn(H, W, generator=g))
+    mask = (torch.rand(H, W, generator=g) > 0.3).float()
+    y = ((signal + noise) * mask)[None, None]
+    assert MRITask.estimate_kspace_noise(y, mask) == pytest.approx(0.05, rel=0.15)
+    assert MRITask.estimate_kspace_noise(y, torch.zeros(H, W)) == 0.0  # nothing sampled outside: unknown
