@@ -40,6 +40,7 @@ class CaseResult:
     rows: list = field(default_factory=list)
     failures: list = field(default_factory=list)
     sigma_y: float = 0.0
+    ood: dict | None = None
 
 
 class Comparison:
@@ -89,6 +90,10 @@ class Comparison:
         # ONE measurement shared by all methods
         meas = self.task.simulate(truth, self.acq, s.device, seed=s.seed, op=self.operator(truth.size))
         res.truth, res.sigma_y = truth, meas.sigma_y
+        if prior is not None:
+            from recon.ood import report_for_run
+
+            res.ood = report_for_run(prior, truth.x[0] if truth.x.ndim == 3 else truth.x, "input image")
         for w in self.task.measurement_warnings(self.acq, meas):
             if w not in self._warned:  # the same acquisition warns once, not once per case
                 self._warned.add(w)
@@ -214,10 +219,10 @@ def run_compare(task, acq, settings: RunSettings, out, log: Callable[[str], None
             write_json(marker, {"case": name, "source": str(getattr(case, "source", "")), "fingerprint": fp,
                                 "complete": not res.failures, "rows": res.rows, "failures": res.failures,
                                 "sigma_y": res.sigma_y, "size": res.truth.size,
-                                "pixel_mm": res.truth.pixel_mm, "units": res.truth.units})
+                                "pixel_mm": res.truth.pixel_mm, "units": res.truth.units, "ood": res.ood})
     # aggregate all cases with these settings (all shards)
     names = list(settings.methods)
-    rows, failures, n_cases = [], [], 0
+    rows, failures, n_cases, oods = [], [], 0, {}
     order = {m: k for k, m in enumerate(names)}
     for mj in sorted((out / "cases").glob("*.json")):
         try:
@@ -227,17 +232,24 @@ def run_compare(task, acq, settings: RunSettings, out, log: Callable[[str], None
         if rec.get("fingerprint") != fp:
             continue
         n_cases += 1
+        if rec.get("ood"):
+            oods[rec["case"]] = rec["ood"]
         rows += rec.get("rows", [])
         failures += [{"case": rec["case"], **f} for f in rec.get("failures", [])]
     rows.sort(key=lambda r: (r["case"], order.get(r["method"], 99)))
     write_text(out / "metrics.csv", metrics_csv_text(rows))
-    write_text(out / "summary.md", summary_markdown(task, acq, settings, rows, n_cases, failures, slices))
+    write_text(out / "summary.md", summary_markdown(task, acq, settings, rows, n_cases, failures, slices, oods))
+    flagged = sorted(c for c, o in oods.items() if o.get("available") and not o["in_distribution"])
+    if flagged:
+        print(f"recon compare: warning: {len(flagged)} of {len(oods)} case(s) are out of distribution for the "
+              f"prior (see summary.md): {', '.join(flagged[:5])}{' ...' if len(flagged) > 5 else ''}",
+              file=sys.stderr)
     log(markdown_table(rows, names).rstrip())
     log(f"wrote {out / 'metrics.csv'} ({len(rows)} rows), {out / 'summary.md'}, figures in {out / 'figures'}")
     return 1 if n_fail else 0
 
 
-def summary_markdown(task, acq, settings: RunSettings, rows, n_cases, failures, slices=None) -> str:
+def summary_markdown(task, acq, settings: RunSettings, rows, n_cases, failures, slices=None, oods=None) -> str:
     names = list(settings.methods)
     info = {"task": task.name, "methods": ",".join(names), "seed": settings.seed,
             "size": settings.size if settings.size is not None else "native",
@@ -252,6 +264,18 @@ def summary_markdown(task, acq, settings: RunSettings, rows, n_cases, failures, 
              "reconstructions clipped to [0, 1]; one simulated measurement per case shared by all methods.",
              "", markdown_table(rows, names), "## Settings", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if v is not None]
+    if oods:
+        lines += ["", "## Out-of-distribution check of the inputs (score prior, `recon.ood`)", ""]
+        avail = {c: o for c, o in oods.items() if o.get("available")}
+        if avail:
+            ref = next(iter(avail.values()))
+            lines += [f"Reference: {ref['reference']}; threshold {ref['threshold']:.2f}.", "",
+                      "| case | distance | verdict |", "|---|---|---|"]
+            lines += [f"| {c} | {o['distance']:.2f} | {'in distribution' if o['in_distribution'] else '**OUT**'} |"
+                      for c, o in sorted(avail.items())]
+        missing = sorted(c for c, o in oods.items() if not o.get("available"))
+        if missing:
+            lines += ["", f"Not checked ({len(missing)} case(s)): {oods[missing[0]]['why']}"]
     if failures:
         lines += ["", "## Failures", ""]
         lines += [f"- {f['case']}: {f.get('method') or '(case)'}: {f['error']}" for f in failures]

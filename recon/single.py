@@ -150,6 +150,18 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
                 warnings.append(text)
             else:
                 log(text)
+        ood = None
+        if prior is not None:  # is the input like the prior's training images? (recon.ood)
+            from recon.ood import report_for_run
+
+            ood = report_for_run(prior, truth.x if truth is not None else img,
+                                 "input image" if truth is not None else "reconstruction (measured data)")
+            if ood.get("available") and not ood["in_distribution"]:
+                text = (f"the {ood['checked']} is out of distribution for the prior: distance "
+                        f"{ood['distance']:.2f} > threshold {ood['threshold']:.2f} ({ood['reference']}); "
+                        "the prior may hallucinate or smooth what it has not seen -- compare with a baseline")
+                warn(task, text)
+                warnings.append(text)
         timings["reconstruct"] = seconds
         t0 = time.perf_counter()
         metrics = None
@@ -193,6 +205,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             "method": {"name": run.name, "options": used},
             "prior": prior_name and str(prior_name),
             "prior_scale": prior_scale,
+            "out_of_distribution_check": ood,
             "working_size": list(meas.op.in_shape),
             "window": list(window) if task.uses_window(truth) else None,
             "units": task.units_label(truth),

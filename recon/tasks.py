@@ -289,7 +289,7 @@ class MRITask(Task):
     # tuned on brain_tumor_progression_t1c slices 5 and 15 at 128 px, 4x equispaced (noisy: --noise 0.02)
     method_defaults = {
         "tv": {"lam": 1e-2, "n_iter": 1000},
-        "cs-wavelet": {"lam": 1e-4, "n_iter": 300},
+        "cs-wavelet": {"lam": 3e-4, "n_iter": 300},
     }
     noisy_method_defaults = {
         "tv": {"lam": 1e-2, "n_iter": 1000},

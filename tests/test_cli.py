@@ -213,6 +213,8 @@ def test_ct_score_method_with_tiny_prior_and_samples(phantom, tmp_path, capsys):
     assert run["method"]["options"]["n_steps"] == 3 and run["samples"] == 2
     assert run["method"]["options"]["prior"] == str(prior)
     assert run["working_size"] == [32, 32] and run["prior_scale"]["scale_factor"] == 2.0
+    ood = run["out_of_distribution_check"]  # reported with every score reconstruction
+    assert ood["available"] is False and "recon ood fit" in ood["why"]
     assert "two bands" in run["prior_scale"]["action"]
     # --size still picks a working size (for speed); at the prior's size the prior runs as it is
     rc, _ = _run(["ct", phantom, "--views", 8, "--method", "score-fast", "--prior", prior, "--size", 16,
