@@ -677,6 +677,96 @@ def run_methods(args):
     return 0
 
 
+# ---------------------------------------------------------------------------
+# ood: out-of-distribution check of inputs against a prior (recon/ood.py)
+# ---------------------------------------------------------------------------
+def _sigma_list(text: str) -> tuple:
+    vals = tuple(_positive_float(v) for v in text.split(",") if v.strip())
+    if not vals:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of noise levels > 0, got {text!r}")
+    return vals
+
+
+def _quantile(text: str) -> float:
+    v = _fraction(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {v}")
+    return v
+
+
+def add_ood(sub):
+    p = sub.add_parser("ood", help="out-of-distribution check: is an input like the prior's training images?")
+    act = p.add_subparsers(dest="ood_command", required=True)
+    f = act.add_parser("fit", help="fit the reference statistics of a prior on in-distribution images")
+    f.add_argument("--prior", required=True)
+    f.add_argument("--data", action="append", required=True, metavar="DIR",
+                   help="folder (or file) of in-distribution images; repeat for several")
+    f.add_argument("--held-out-only", action="store_true",
+                   help="use only the images `recon train` held out of this prior's training "
+                        "(reproduced from its metadata; image folders only)")
+    f.add_argument("--max-images", type=_positive_int, default=200,
+                   help="seeded random subset of at most N files (default 200)")
+    f.add_argument("--threshold-fraction", type=_fraction, default=0.4,
+                   help="fraction of patients that set the threshold, the rest fit mean/covariance (default 0.4)")
+    f.add_argument("--quantile", type=_quantile, default=0.99, help="threshold quantile (default 0.99)")
+    f.add_argument("--sigmas", type=_sigma_list, default=None, metavar="S1,S2,...",
+                   help="noise levels on the [0, 1] scale (default: 6 log-spaced in [0.01, 3])")
+    common_options(f)
+    c = act.add_parser("check", help="distance, threshold and verdict for each input")
+    c.add_argument("inputs", nargs="+", metavar="INPUT", help="image file or DICOM folder (middle slice)")
+    c.add_argument("--prior", required=True)
+    c.add_argument("--slice", type=_nonneg_int, default=None, help="slice index (default: the middle one)")
+    common_options(c, out_required=False)
+    b = act.add_parser("bench", help="AUROC of the check on ../shared/data (recon.bench_ood)")
+    b.add_argument("--prior", required=True)
+    b.add_argument("--n", type=_positive_int, default=40, help="images per class (about; default 40)")
+    b.add_argument("--data", default=None, metavar="DIR", help="data root (default: ../shared/data beside the repo)")
+    b.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
+    b.add_argument("--no-cache", action="store_true", help="recompute features (cached in OUT/cache otherwise)")
+    b.add_argument("--out", default="ood_bench", help="output folder (default: ood_bench)")
+    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--debug", action="store_true")
+    return p
+
+
+def run_ood(args):
+    from recon import ood
+    from recon.prior import load_prior
+
+    if args.ood_command == "bench":
+        from recon.bench_ood import run_bench
+
+        run_bench(args.prior, args.n, args.out, threads=args.threads, cache=not args.no_cache, data=args.data,
+                  log=(lambda m: None) if args.quiet else print)
+        return 0
+    prior = load_prior(args.prior, device=resolve_device(args.device))
+    if args.ood_command == "fit":
+        from recon.outputs import write_text
+
+        ref = ood.fit_from_folders(prior, args.data, max_images=args.max_images, seed=args.seed,
+                                   threshold_fraction=args.threshold_fraction, quantile=args.quantile,
+                                   sigmas=args.sigmas or ood.DEFAULT_SIGMAS, held_out_only=args.held_out_only,
+                                   log=lambda m: log(args, m))
+        write_text(Path(args.out), json.dumps(ref, indent=1) + "\n")
+        log(args, f"wrote {args.out}; merge it into the prior's JSON metadata as \"ood\" "
+                  "(meta[\"ood\"] = the file's content)")
+        return 0
+    ref = ood.get_reference(prior)
+    results = []
+    for path in args.inputs:
+        res = {"input": str(path), **ood.check(prior, ood.prepare_file(path, prior, args.slice), ref)}
+        results.append(res)
+        print(f"{path}: distance {res['distance']:.2f}, threshold {res['threshold']:.2f} -> "
+              f"{'in-distribution' if res['in_distribution'] else 'OUT OF DISTRIBUTION'}")
+    if results:
+        print(f"reference: {results[0]['reference']}")
+    if args.out:
+        from recon.outputs import write_text
+
+        write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
+    return 0
+
+
 SUBCOMMANDS = {
     "train": (add_train, run_train),
     "sample": (add_sample, run_sample),
@@ -688,6 +778,7 @@ SUBCOMMANDS = {
     "compare": (add_compare, run_compare),
     "demo": (add_demo, run_demo),
     "methods": (add_methods, run_methods),
+    "ood": (add_ood, run_ood),
 }
 
 
