@@ -7,20 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from recon.multiscale import ResampledPrior, denoise_any_size, detail_std_for, scale_factor
-from recon.networks import UNet
-from recon.prior import EDMDenoiser, Prior
-
-META = {"image_size": 16, "modality": "ct", "window": [-1000.0, 1000.0], "sde": {"name": "ve"},
-        "architecture": {"base": 8, "mults": [1, 2], "coords": True, "sigma_data": 0.5}}
 
 
 def tiny_prior(seed=0):
-    torch.manual_seed(seed)
-    arch = {k: v for k, v in META["architecture"].items() if k != "sigma_data"}
-    net = UNet(**arch)
-    for q in net.parameters():  # non-trivial weights (zero-init layers otherwise)
-        q.data.normal_(0, 0.05)
-    return Prior(EDMDenoiser(net), dict(META)).eval()
+    """The tiny random-weight U-Net prior of tests/test_prior.py (16 px, coordinate channels)."""
+    from tests.test_prior import tiny_prior as _tiny
+
+    return _tiny(seed).eval()
 
 
 class IdentityPrior:
