@@ -81,7 +81,7 @@ def calibration_summary(stats: list[dict], scale: float = 1.0) -> dict:
     return {"cases": len(stats),
             "coverage": {f"{z:g}": coverage(e, s, z, scale) for z in Z_LEVELS},
             "correlation_per_case": corr, "correlation_mean": float(np.mean(corr)),
-            "reliability": reliability([a * 1.0 for a in errors], [b * scale for b in stds]),
+            "reliability": reliability(errors, [b * scale for b in stds]),
             "seconds_per_case": float(np.mean([st["seconds"] for st in stats]))}
 
 

@@ -92,14 +92,14 @@ def working_window_and_size(acq, size: int | None, prior) -> tuple[tuple, int | 
     return tuple(window), size
 
 
-def known_pixel_mm(truth, acq=None) -> float | None:
-    """The working pixel size in mm when it is known (input spacing or ``--fov``), else None."""
+def known_pixel_mm(truth, acq=None, size: int | None = None) -> float | None:
+    """The working pixel size in mm when it is known (``--fov``, or the input's spacing), else None.
+    Without a ground truth (measured data) ``size`` is the working size the field of view spans."""
     fov = getattr(acq, "fov", None)
-    if truth is not None:
-        if fov:
-            return float(fov) / truth.size
-        return truth.pixel_mm if truth.source.dx else None
-    return None
+    size = truth.size if truth is not None else size
+    if fov and size:
+        return float(fov) / size
+    return truth.pixel_mm if truth is not None and truth.source.dx else None
 
 
 # ---------------------------------------------------------------------------

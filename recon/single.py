@@ -136,8 +136,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         warnings = task.measurement_warnings(acq, meas)
         for w in warnings:
             warn(task, w)
-        pixel_mm = known_pixel_mm(truth, acq) if truth is not None else (
-            acq.fov / size if getattr(acq, "fov", None) and size else None)
+        pixel_mm = known_pixel_mm(truth, acq, size)
         img, std, seconds, used = run_method(run, meas, prior=prior, seed=settings.seed, samples=settings.samples,
                                              progress=settings.progress, task=task.name, pixel_mm=pixel_mm)
         prior_scale = (for_data(prior, meas.op.in_shape, used.get("pixel_mm"), used.get("prior_scale")).describe()
