@@ -15,10 +15,15 @@
   along the central ray) and ``Δβ / 2``.  Short scans would need Parker
   weights, which are not implemented: use an iterative solver there.
 
-View weights: every view gets half the sum of the angular gaps to its
-neighbours (angles taken modulo π for parallel, 2π for fan), each gap capped at
-the median positive gap, so equally spaced sets get ``arc / n`` and
-limited-angle sets are not dominated by their end views.  The backprojection
+View weights: every view gets half the sum of the angular gaps to its two
+neighbours (angles taken modulo π for parallel, 2π for fan, so the weights of a
+full scan sum to the period): equally spaced sets get ``period / n`` and uneven
+sets (random, golden-angle, sparse subsets of a measured scan) are weighted by
+the angular interval each view represents.  A gap wider than
+``WEDGE_FACTOR`` (8) times the median gap is a missing wedge (limited-angle
+scans), not sampling: it counts as 8 median gaps, so the views at its edges are
+not stretched over the missing range.  (Capping every gap at the median, as
+before, halved the image of uniformly random angle sets.)  The backprojection
 is pixel-driven rather than ``op.AH`` (the ray-driven Joseph adjoint has
 Moiré-like weight variations that a reconstruction should not show).
 """
@@ -32,7 +37,7 @@ import torch
 from forward_models.base import check_tensor
 from forward_models.ct import FanBeamCT, ParallelBeamCT
 
-__all__ = ["fbp", "ramp_filter", "FILTERS"]
+__all__ = ["fbp", "ramp_filter", "FILTERS", "view_weights", "WEDGE_FACTOR"]
 
 
 def _shepp_logan(n):
@@ -68,13 +73,19 @@ def ramp_filter(n_det: int, filter: str = "ramp") -> np.ndarray:
     return np.real(np.fft.fft(f)) * FILTERS[filter](size)
 
 
-def _view_weights(angles: np.ndarray, period: float) -> np.ndarray:
-    a = np.mod(angles, period)
+#: a gap between neighbouring views wider than this many median gaps is a missing wedge
+WEDGE_FACTOR = 8.0
+
+
+def view_weights(angles: np.ndarray, period: float) -> np.ndarray:
+    """Angular weight of each view: half the gaps to its two neighbours (cyclic modulo
+    ``period``), gaps capped at ``WEDGE_FACTOR`` median gaps (module docstring)."""
+    a = np.mod(np.asarray(angles, dtype=np.float64), period)
     order = np.argsort(a, kind="stable")
     s = a[order]
     gaps = np.diff(np.concatenate([s, [s[0] + period]]))  # gap after each sorted view
     positive = gaps[gaps > 1e-12]
-    cap = np.median(positive) if positive.size else period
+    cap = WEDGE_FACTOR * np.median(positive) if positive.size else period
     gaps = np.minimum(gaps, cap)
     share = 0.5 * (gaps + np.roll(gaps, 1))
     w = np.empty_like(share)
@@ -149,7 +160,7 @@ def fbp(y: torch.Tensor, operator, filter: str = "ramp", *, circle: bool = False
         u = torch.from_numpy((np.arange(n_det) - operator.det_center) * operator.det_spacing)
         pre = (D / torch.sqrt(D ** 2 + u ** 2)).to(device=dev, dtype=dt)
         q = _filter_views(y * pre, n_det, filter, operator.det_spacing * R / D)
-        dtheta = torch.from_numpy(0.5 * _view_weights(angles, 2 * np.pi)).to(dev)[:, None]
+        dtheta = torch.from_numpy(0.5 * view_weights(angles, 2 * np.pi)).to(dev)[:, None]
 
         def geometry(v0, v1):
             cos, sin = cos_all[v0:v1], sin_all[v0:v1]
@@ -159,7 +170,7 @@ def fbp(y: torch.Tensor, operator, filter: str = "ramp", *, circle: bool = False
                     (dtheta[v0:v1] * (R / L) ** 2).to(dt))
     else:
         q = _filter_views(y, n_det, filter, operator.det_spacing)
-        dtheta = torch.from_numpy(_view_weights(angles, np.pi)).to(device=dev, dtype=dt)[:, None]
+        dtheta = torch.from_numpy(view_weights(angles, np.pi)).to(device=dev, dtype=dt)[:, None]
 
         def geometry(v0, v1):
             s = x[None] * cos_all[v0:v1] + yy[None] * sin_all[v0:v1]
