@@ -86,14 +86,15 @@ class Truth:
 
 
 def load_source(path, series_uid: str | None = None, slice_index: int | None = None,
-                n_slices: int = 1) -> Source:
+                n_slices: int = 1, volume=None) -> Source:
     """Read a ground-truth input (DICOM file/folder, NIfTI, PNG/JPEG/TIFF, .npy).
 
     Takes slice ``slice_index`` (default: the middle one) or, with ``n_slices
-    > 1``, that many consecutive slices from it as a stack."""
+    > 1``, that many consecutive slices from it as a stack.  ``volume``: the
+    :class:`recon.io.Volume` already read from ``path`` (not read again)."""
     from recon.io import read_input
 
-    vol = read_input(path, series_uid=series_uid)
+    vol = volume if volume is not None else read_input(path, series_uid=series_uid)
     n = vol.n_slices
     k = vol.middle_index() if slice_index is None else int(slice_index)
     if not 0 <= k < n:

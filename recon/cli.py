@@ -16,7 +16,8 @@ runners (:mod:`recon.single`, :mod:`recon.compare`).  Reconstruction commands::
     recon ct INPUT --views N [--limited-angle DEG] [--geometry parallel|fan]
              [--photons I0 | --noise SIGMA] --method NAME [--param K=V ...] [--prior P]
              [--size S] [--samples K] [--series UID] [--slice I] --out DIR
-    recon ct --sinogram FILE.npy [--views N] [--geometry ...] --size S --method NAME --out DIR
+    recon ct --sinogram FILE.npy [--angles FILE] [--det-spacing MM --fov MM] [--flat F [--dark D]]
+             [--views N [--reference full]] [--geometry ...] --size S --method NAME --out DIR
     recon mri INPUT --mask KIND --accel R [--center-fraction F] --method NAME --out DIR
     recon mri --kspace FILE [--mask KIND --accel R] --method NAME --out DIR
     recon inpaint INPUT --mask box|random|strokes [--box-fraction F] [--keep-ratio P]
@@ -282,15 +283,25 @@ def run_likelihood(args):
 def add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks (operators; fuzz: damaged files through every reader; "
                                       "calibration: posterior std vs error; references: baselines vs SigPy/skimage)")
-    p.add_argument("what", choices=["operators", "fuzz", "calibration", "references"])
+    p.add_argument("what", choices=["operators", "fuzz", "calibration", "references", "volumes"])
     p.add_argument("--data", default="../shared/data", metavar="DIR",
                    help="calibration/references: the shared data folder (default ../shared/data)")
     p.add_argument("--task", choices=["ct", "mri"], default="ct", help="calibration: task (default ct)")
     p.add_argument("--samples", type=_positive_int, default=8, help="calibration: posterior samples (default 8)")
     p.add_argument("--accel", type=_positive_float, default=8.0, help="references: MRI acceleration (default 8)")
-    p.add_argument("--out", default=None, metavar="FILE", help="calibration/references: JSON results here")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="calibration/references: JSON results here; volumes: output folder (default bench_volumes)")
     p.add_argument("--sizes", default="256,512")
-    p.add_argument("--views", default="23,90,180")
+    p.add_argument("--views", default=None, help="operators: view counts (default 23,90,180); volumes: (default 8,23)")
+    p.add_argument("--series", action="append", default=None, metavar="PATH",
+                   help="volumes: a CT series (repeatable; default ct/val/ge_head and ct/val/lung_pet_ct_dx in --data)")
+    p.add_argument("--methods", default="fbp,tv,tv3d,score-fast,score-fast:z_weight=0.05",
+                   help="volumes: methods, NAME or NAME:key=value;key=value (recon.bench_volumes)")
+    p.add_argument("--size", type=_positive_int, default=128, help="volumes: working size (default 128)")
+    p.add_argument("--slices", default=None, metavar="a:b", help="volumes: slice range (default all)")
+    p.add_argument("--batch-slices", type=_positive_int, default=4, help="volumes: slices per method call")
+    p.add_argument("--prior", default=None, help="volumes: score prior (default ct)")
+    p.add_argument("--photons", type=_positive_float, default=None, help="volumes: Poisson noise I0 (default none)")
     p.add_argument("--n", type=_positive_int, default=1000, help="fuzz: inputs per reader (default 1000)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="fuzz: seed of the mutations (default 0)")
     p.add_argument("--readers", default=None, metavar="R1,R2,...",
@@ -312,6 +323,14 @@ def run_bench(args):
 
         bench_references(args.data, args.accel, args.out, log=lambda m: print(m, file=sys.stderr))
         return 0
+    if args.what == "volumes":
+        from recon.bench_volumes import bench_volumes
+
+        bench_volumes(args.data, args.series, [int(v) for v in (args.views or "8,23").split(",")],
+                      [m for m in args.methods.split(",") if m], args.out or "bench_volumes", size=args.size,
+                      slices=args.slices, batch=args.batch_slices, prior=args.prior, photons=args.photons,
+                      log=lambda m: print(m, file=sys.stderr))
+        return 0
     if args.what == "fuzz":
         from recon.fuzz import fuzz_readers
 
@@ -321,7 +340,7 @@ def run_bench(args):
     from recon.bench import bench_operators
 
     bench_operators(sizes=tuple(int(s) for s in args.sizes.split(",")),
-                    views=tuple(int(v) for v in args.views.split(",")))
+                    views=tuple(int(v) for v in (args.views or "23,90,180").split(",")))
 
 
 # ---------------------------------------------------------------------------
@@ -363,16 +382,18 @@ def _window_units_options(g, what: str):
 def _ct_options(p):
     g = p.add_argument_group("CT acquisition")
     g.add_argument("--views", type=_positive_int, default=None, metavar="N",
-                   help="number of projection views (required when simulating; with --sinogram "
-                        "it defaults to the file's first axis)")
+                   help="number of projection views (required when simulating; with --sinogram: keep N "
+                        "of the measured views, evenly spread over the angles; default all)")
     g.add_argument("--limited-angle", type=_positive_float, default=None, metavar="DEG",
                    help="angular range covered by the views in degrees (default: 180 parallel, 360 fan)")
     g.add_argument("--geometry", choices=["parallel", "fan"], default="parallel",
                    help="beam geometry (default: parallel)")
-    g.add_argument("--source-distance", type=_positive_float, default=2.0, metavar="F",
-                   help="fan beam: source to rotation axis, in multiples of the image width (default 2)")
-    g.add_argument("--detector-distance", type=_positive_float, default=4.0, metavar="F",
-                   help="fan beam: source to detector, in multiples of the image width (default 4)")
+    g.add_argument("--source-distance", type=_positive_float, default=None, metavar="F",
+                   help="fan beam: source to rotation axis, in multiples of the image width (default: the "
+                        "scanner's DistanceSourceToPatient for DICOM input that has it, else 2)")
+    g.add_argument("--detector-distance", type=_positive_float, default=None, metavar="F",
+                   help="fan beam: source to detector, in multiples of the image width (default: the "
+                        "scanner's DistanceSourceToDetector for DICOM input that has it, else 4)")
     _noise_options(g, photons=True)
     _window_units_options(g, "(default: the prior's window for score methods, else -1000,1000)")
     g.add_argument("--fov", type=_positive_float, default=None, metavar="MM",
@@ -419,8 +440,10 @@ def _ct_acquisition(args):
     return CTAcquisition(views=args.views, limited_angle=args.limited_angle, geometry=args.geometry,
                          source_distance=args.source_distance, detector_distance=args.detector_distance,
                          photons=args.photons, noise=args.noise, window=args.window, units=args.units,
-                         fov=args.fov, sinogram=args.sinogram, sinogram_units=args.sinogram_units,
-                         sigma_y=args.sigma_y)
+                         fov=args.fov, sinogram=args.sinogram,
+                         sinogram_units=args.sinogram_units or ("counts" if args.flat else "image"),
+                         sigma_y=args.sigma_y, angles=args.angles, angle_units=args.angle_units,
+                         det_spacing=args.det_spacing, flat=args.flat, dark=args.dark, reference=args.reference)
 
 
 def _mri_acquisition(args):
@@ -442,7 +465,8 @@ def _inpaint_acquisition(args):
 
 #: the measured-data options of `recon ct` / `recon mri`, absent from `recon compare`
 _NO_MEASURED_DATA = dict(sinogram=None, sinogram_units="image", sigma_y=None, kspace=None, dataset=None,
-                         from_image=False, calib=None, reference=None)
+                         from_image=False, calib=None, reference=None, angles=None, angle_units="deg",
+                         det_spacing=None, flat=None, dark=None)
 
 #: task name -> (acquisition options, acquisition builder, help)
 _TASK_CLI = {
@@ -493,7 +517,12 @@ def _input_options(p, positional: bool = True, required: bool = True):
                        help="ground-truth image: DICOM file or folder, NIfTI, PNG/JPEG/TIFF, or 2-D .npy")
     p.add_argument("--series", default=None, metavar="UID", help="DICOM series to read from a folder holding several")
     p.add_argument("--slice", type=_nonneg_int, default=None, metavar="I",
-                   help="slice index of a volume, 0-based (default: middle)")
+                   help="reconstruct only this slice of a volume, 0-based")
+    p.add_argument("--slices", default=None, metavar="all|a:b",
+                   help="slices of a multi-slice input (DICOM series, NIfTI volume): all (default) or a:b "
+                        "(0-based, b excluded); streamed in batches, resumable (see recon.volume)")
+    p.add_argument("--batch-slices", type=_positive_int, default=4, metavar="B",
+                   help="slices per method call for a volume (default 4; more is faster where memory allows)")
 
 
 def _modality_option(p, task: str):
@@ -528,12 +557,26 @@ def add_ct(sub):
     _input_options(p, required=False)
     g = p.add_argument_group("measured data")
     g.add_argument("--sinogram", default=None, metavar="FILE",
-                   help="measured sinogram .npy (views, detectors) instead of INPUT; --views/--geometry "
-                        "describe it; no ground truth")
-    g.add_argument("--sinogram-units", choices=["image", "attenuation"], default="image",
+                   help="measured sinogram .npy (views, detectors) instead of INPUT, any number of detector "
+                        "pixels; --geometry and the options below describe it; no ground truth")
+    g.add_argument("--sinogram-units", choices=["image", "attenuation", "counts"], default=None,
                    help="image: y = A x for the [0, 1] image with unit pixels (as sinogram.npy is written); "
                         "attenuation: post-log line integrals (mu in 1/mm times mm), converted with the "
-                        "window and --fov")
+                        "window and --fov; counts: raw counts (needs --flat). Default: image, counts with --flat")
+    g.add_argument("--angles", default=None, metavar="FILE",
+                   help="view angle of each sinogram row (.npy, or text: numbers separated by newlines, spaces "
+                        "or commas); default: equispaced over 180 (parallel) / 360 (fan) degrees")
+    g.add_argument("--angle-units", choices=["deg", "rad"], default="deg", help="units of --angles (default deg)")
+    g.add_argument("--det-spacing", type=_positive_float, default=None, metavar="MM",
+                   help="detector pixel pitch in mm (parallel: at the rotation axis; fan: on the detector); "
+                        "needs --fov (default: 1 image pixel; fan: the magnification)")
+    g.add_argument("--flat", default=None, metavar="FILE",
+                   help="flat (open-beam) counts .npy, shape (detectors,) or (views, detectors): the "
+                        "sinogram holds raw counts I, converted to p = -log(max(I-D,e) / max(F-D,e))")
+    g.add_argument("--dark", default=None, metavar="FILE", help="dark counts .npy for --flat (default 0)")
+    g.add_argument("--reference", default=None, metavar="full[:METHOD]",
+                   help="score against the reconstruction of ALL measured views (with --views N): full picks "
+                        "fbp for dense full scans, else tv; or full:fbp|tv|sirt|cgls; written to metrics.json")
     g.add_argument("--sigma-y", type=_nonneg_float, default=None, metavar="STD",
                    help="noise std of the measured data in y units (passed to score methods)")
     _ct_options(p)
@@ -590,7 +633,8 @@ def _run_task(name):
 
         acq = _TASK_CLI[name][1](args)
         return run_single(TASKS[name], acq, _run_settings(args, [args.method]),
-                          Inputs(path=args.input, series=args.series, slice=args.slice), args.out,
+                          Inputs(path=args.input, series=args.series, slice=args.slice, slices=args.slices,
+                                 batch=args.batch_slices), args.out,
                           lambda m: log(args, m), manifest=args.manifest, shard=args.shard)
 
     run.__name__ = f"run_{name}"

@@ -93,7 +93,7 @@ class Comparison:
         if prior is not None:
             from recon.ood import report_for_run
 
-            res.ood = report_for_run(prior, truth.x[0] if truth.x.ndim == 3 else truth.x, "input image")
+            res.ood = report_for_run(prior, np.clip(truth.x[0] if truth.x.ndim == 3 else truth.x, 0, 1), "input image")
         for w in self.task.measurement_warnings(self.acq, meas):
             if w not in self._warned:  # the same acquisition warns once, not once per case
                 self._warned.add(w)
@@ -107,6 +107,7 @@ class Comparison:
                 from recon.metrics import compute_metrics
 
                 m = compute_metrics(img, truth.x)
+                m.update(self.task.extra_metrics(img, truth))
             except Exception as e:  # noqa: BLE001 - a failing method must not stop the comparison
                 if s.debug:
                     raise

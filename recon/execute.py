@@ -353,11 +353,13 @@ def progress_bar(enabled: bool, total, desc: str):
 
 
 def run_method(run: MethodRun, meas, *, prior=None, seed: int = 0, samples: int = 1,
-               progress: bool = False, task: str | None = None, pixel_mm: float | None = None):
+               progress: bool = False, task: str | None = None, pixel_mm: float | None = None,
+               stack: bool = False):
     """Run one method on a measurement.
 
     Returns ``(image, std, seconds, options)``: ``image`` the real 2-D
-    reconstruction (magnitude for complex methods; the posterior mean when
+    reconstruction of the first batch item, or with ``stack=True`` every item
+    ``(B, H, W)`` (magnitude for complex methods; the posterior mean when
     ``samples > 1``), ``std`` the per-pixel std of the samples or ``None``,
     ``options`` the JSON-able options actually passed.  ``task`` is passed to
     methods that take it (the score methods' per-task defaults), and so is
@@ -404,9 +406,56 @@ def run_method(run: MethodRun, meas, *, prior=None, seed: int = 0, samples: int 
             raise ReconError(f"method '{run.name}': {e}") from None
         synchronize(device)
         seconds = time.perf_counter() - t0
-    img = mean.detach().reshape(mean.shape[0], *mean.shape[-2:])[0].float().cpu().numpy()
+    pick = slice(None) if stack else 0
+    img = mean.detach().reshape(mean.shape[0], *mean.shape[-2:])[pick].float().cpu().numpy()
     if not np.all(np.isfinite(img)):
         raise ReconError(f"method '{run.name}' produced NaN or infinite values; try other options "
                          "(e.g. --param n_iter=..., lam=...)")
-    sd = None if std is None else std.detach().reshape(std.shape[0], *std.shape[-2:])[0].float().cpu().numpy()
+    sd = None if std is None else std.detach().reshape(std.shape[0], *std.shape[-2:])[pick].float().cpu().numpy()
     return img, sd, seconds, recorded
+
+
+# ---------------------------------------------------------------------------
+# run records (shared by recon.single and recon.volume)
+# ---------------------------------------------------------------------------
+def noise_text(info: dict) -> str:
+    model = info.get("model")
+    text = {"none": "noise-free", "poisson": f"Poisson noise, I0={info.get('I0')}",
+            "gaussian": f"Gaussian noise {info.get('relative_sigma')} x RMS",
+            "measured": "measured data"}.get(model, str(model))
+    if info.get("acceleration"):
+        text += f", acceleration {info['acceleration']:.3g}x"
+    return text
+
+
+def std_calibration(prior, task: str, method: str) -> dict | None:
+    """The prior's measured calibration of the posterior std for ``task``/``method``, if any
+    (``meta['std_calibration'][task][method] = {'scale': c, ...}``, ``recon bench calibration``)."""
+    table = (getattr(prior, "meta", {}) or {}).get("std_calibration", {}) if prior is not None else {}
+    entry = table.get(task, {}).get(method)
+    return dict(entry) if entry and entry.get("scale") else None
+
+
+def warn(task, message: str) -> None:
+    """A warning on stderr (shown even with --quiet: it changes how results should be read)."""
+    print(f"recon {task.name}: warning: {message}", file=sys.stderr)
+
+
+def run_fingerprint(task, acq, settings: RunSettings, inputs) -> str:
+    """Hash of what changes a run's results (``inputs``: a :class:`recon.single.Inputs`)."""
+    from recon.outputs import fingerprint
+
+    acq_settings = {k: v for k, v in acq.settings().items() if k not in ("sinogram", "kspace")}
+    return fingerprint({"task": task.name, **acq_settings, **settings.record(), "series": inputs.series,
+                        "slice": inputs.slice, "slices": inputs.slices, "batch": inputs.batch})
+
+
+def protected_inputs(acq, inputs) -> list[str]:
+    """Input files a run must never overwrite."""
+    paths = [inputs.path, getattr(acq, "sinogram", None), getattr(acq, "kspace", None),
+             getattr(acq, "mask_file", None), getattr(acq, "angles", None), getattr(acq, "flat", None),
+             getattr(acq, "dark", None)]
+    reference = getattr(acq, "reference", None)
+    if reference and not str(reference).startswith("full"):  # CT's --reference full[:METHOD] is no file
+        paths.append(reference)
+    return [p for p in paths if p]

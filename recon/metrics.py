@@ -140,14 +140,39 @@ def center_crop(img: np.ndarray, shape) -> np.ndarray:
 
 
 def compute_metrics(recon: np.ndarray, truth: np.ndarray) -> dict:
-    """PSNR / SSIM / NMSE of ``clip(recon, 0, 1)`` against ``truth`` (both [0, 1], data_range 1).
+    """PSNR / SSIM / NMSE of ``clip(recon, 0, 1)`` against ``clip(truth, 0, 1)`` (data_range 1):
+    the [0, 1] scale of the working window (CT: -1000..1000 HU by default).
 
     Strict: the shapes must match (a reference of another size is not a ground truth of the
     same image; crop explicitly with :func:`center_crop` where a convention says so)."""
     r = np.clip(np.asarray(recon, dtype=np.float64), 0, 1)
-    t = np.asarray(truth, dtype=np.float64)
+    t = np.clip(np.asarray(truth, dtype=np.float64), 0, 1)  # CT truth keeps bone above the window (> 1)
     if r.shape != t.shape:
         raise ReconError(f"the reference is {'x'.join(map(str, t.shape))} but the reconstruction "
                          f"{'x'.join(map(str, r.shape))}; metrics need both at the same size")
     return {"psnr": float(psnr(r, t, data_range=1.0)), "ssim": float(ssim(r, t, data_range=1.0)),
             "nmse": float(nmse(r, t))}
+
+
+#: clinical display windows (HU): brain for heads, soft tissue for bodies, lung for the chest
+CLINICAL_WINDOWS = {"brain": (0.0, 80.0), "soft_tissue": (-160.0, 240.0), "lung": (-1350.0, 150.0)}
+
+
+def hu_metrics(recon_hu: np.ndarray, truth_hu: np.ndarray) -> dict:
+    """CT in clinical terms: RMSE in HU over the full range (nothing clipped), and PSNR/SSIM
+    inside each clinical window of :data:`CLINICAL_WINDOWS` (both images mapped to the window
+    and clipped to it, data_range 1), e.g. ``psnr_brain``, ``ssim_lung``.  ``(z, y, x)``
+    volumes: PSNR over the volume, SSIM averaged over the slices."""
+    r = np.asarray(recon_hu, dtype=np.float64)
+    t = np.asarray(truth_hu, dtype=np.float64)
+    if r.shape != t.shape:
+        raise ReconError(f"hu_metrics: shapes differ, {r.shape} vs {t.shape}")
+    out = {"rmse_hu": float(np.sqrt(np.mean((r - t) ** 2)))}
+    for name, (lo, hi) in CLINICAL_WINDOWS.items():
+        rw = np.clip((r - lo) / (hi - lo), 0, 1)
+        tw = np.clip((t - lo) / (hi - lo), 0, 1)
+        mse = float(np.mean((rw - tw) ** 2))
+        out[f"psnr_{name}"] = float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")
+        planes = [(rw, tw)] if r.ndim == 2 else list(zip(rw, tw))
+        out[f"ssim_{name}"] = float(np.mean([ssim(a, b, data_range=1.0) for a, b in planes]))
+    return out

@@ -4,7 +4,7 @@
   staged in a hidden folder and moved into place only when everything
   succeeded; inputs are never overwritten.
 * :func:`write_text` / :func:`write_json` -- atomic (temporary file + rename).
-* ``metrics.csv`` (columns exactly :data:`METRIC_COLUMNS`) and markdown tables.
+* ``metrics.csv`` (:data:`METRIC_COLUMNS`, then CT's HU/clinical-window columns) and markdown tables.
 * Manifests and shards: ``--manifest FILE`` lists one input per line (blank
   lines and ``#`` comments are skipped); ``--shard i/n`` (0-based) takes the
   lines whose index modulo ``n`` is ``i``.  Every case writes a completion
@@ -52,12 +52,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
+#: extra columns, after :data:`METRIC_COLUMNS`, when any row has them (CT: HU and clinical windows)
+EXTRA_METRIC_COLUMNS = ("rmse_hu", "psnr_brain", "ssim_brain", "psnr_soft_tissue", "ssim_soft_tissue",
+                        "psnr_lung", "ssim_lung")
+
+
 def metrics_csv_text(rows: list[dict]) -> str:
+    """``metrics.csv``: :data:`METRIC_COLUMNS`, then those of :data:`EXTRA_METRIC_COLUMNS` that
+    any row has (empty where a row lacks one)."""
+    extra = [c for c in EXTRA_METRIC_COLUMNS if any(c in r for r in rows)]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(METRIC_COLUMNS)
+    w.writerow(METRIC_COLUMNS + tuple(extra))
     for r in rows:
-        w.writerow([_fmt(r[c]) for c in METRIC_COLUMNS])
+        w.writerow([_fmt(r[c]) for c in METRIC_COLUMNS] + [_fmt(r[c]) if c in r else "" for c in extra])
     return buf.getvalue()
 
 

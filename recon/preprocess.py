@@ -30,10 +30,12 @@ def square_resize(img: np.ndarray, size: int | None) -> np.ndarray:
     return resize(img, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
 
 
-def hu_to_unit(hu: np.ndarray, window=CT_WINDOW) -> np.ndarray:
-    """HU -> [0, 1] through the window ``(lo, hi)``, clipped."""
+def hu_to_unit(hu: np.ndarray, window=CT_WINDOW, full_range: bool = False) -> np.ndarray:
+    """HU -> [0, 1] through the window ``(lo, hi)``, clipped; with ``full_range`` only values
+    below ``lo`` are clipped (bone and metal above ``hi`` keep their attenuation: > 1)."""
     lo, hi = window or CT_WINDOW
-    return np.clip((np.asarray(hu, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+    x = (np.asarray(hu, dtype=np.float32) - lo) / (hi - lo)
+    return np.clip(x, 0, None if full_range else 1).astype(np.float32)
 
 
 def unit_to_hu(x01: np.ndarray, window=CT_WINDOW) -> np.ndarray:

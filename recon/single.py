@@ -14,20 +14,23 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 
+import numpy as np
+
 from recon.errors import ReconError
 from recon.multiscale import for_data
-from recon.execute import (PriorCache, RunSettings, check_memory, known_pixel_mm, check_samples, plan_methods, run_method,
+from recon.execute import (PriorCache, RunSettings, check_memory, known_pixel_mm, check_samples, noise_text,
+                           plan_methods, protected_inputs, run_fingerprint, run_method, std_calibration, warn,
                            working_window_and_size)
 from recon.io._util import short
-from recon.outputs import (OutputFolder, entry_name, fingerprint, metrics_csv_text, parse_shard, read_manifest,
+from recon.outputs import (EXTRA_METRIC_COLUMNS, OutputFolder, entry_name, metrics_csv_text, parse_shard, read_manifest,
                            select_shard, versions, write_json, write_text)
 
-__all__ = ["Inputs", "reconstruct", "run_single", "SINGLE_OUTPUTS"]
+__all__ = ["Inputs", "reconstruct", "reconstruct_any", "run_single", "SINGLE_OUTPUTS"]
 
 SINGLE_OUTPUTS = ("recon.nii.gz", "recon.png", "metrics.json", "run.json", "sinogram.npy", "observed.png",
                   "std.npy", "std.png", "std_calibrated.npy", "dicom")
@@ -36,47 +39,18 @@ SINGLE_OUTPUTS = ("recon.nii.gz", "recon.png", "metrics.json", "run.json", "sino
 @dataclass(frozen=True)
 class Inputs:
     """Where the ground truth comes from: a file or folder (``path``), a DICOM
-    series in a folder holding several, and the slice of a volume (default: the
-    middle one).  Measured data are named by the acquisition instead."""
+    series in a folder holding several, and which slices of a volume: one
+    (``slice``) or a range (``slices``, default every slice, reconstructed
+    ``batch`` at a time by :mod:`recon.volume`).  Measured data are named by the
+    acquisition instead."""
 
     path: str | None = None
     series: str | None = None
     slice: int | None = None
-
-
-def _noise_text(info: dict) -> str:
-    model = info.get("model")
-    text = {"none": "noise-free", "poisson": f"Poisson noise, I0={info.get('I0')}",
-            "gaussian": f"Gaussian noise {info.get('relative_sigma')} x RMS",
-            "measured": "measured data"}.get(model, str(model))
-    if info.get("acceleration"):
-        text += f", acceleration {info['acceleration']:.3g}x"
-    return text
-
-
-def std_calibration(prior, task: str, method: str) -> dict | None:
-    """The prior's measured calibration of the posterior std for ``task``/``method``, if any
-    (``meta['std_calibration'][task][method] = {'scale': c, ...}``, ``recon bench calibration``)."""
-    table = (getattr(prior, "meta", {}) or {}).get("std_calibration", {}) if prior is not None else {}
-    entry = table.get(task, {}).get(method)
-    return dict(entry) if entry and entry.get("scale") else None
-
-
-def warn(task, message: str) -> None:
-    """A warning on stderr (shown even with --quiet: it changes how results should be read)."""
-    print(f"recon {task.name}: warning: {message}", file=sys.stderr)
-
-
-def _fingerprint(task, acq, settings: RunSettings, inputs: Inputs) -> str:
-    acq_settings = {k: v for k, v in acq.settings().items() if k not in ("sinogram", "kspace")}
-    return fingerprint({"task": task.name, **acq_settings, **settings.record(), "series": inputs.series,
-                        "slice": inputs.slice})
-
-
-def _protected_inputs(acq, inputs: Inputs) -> list[str]:
-    paths = [inputs.path, getattr(acq, "sinogram", None), getattr(acq, "kspace", None),
-             getattr(acq, "mask_file", None), getattr(acq, "reference", None)]
-    return [p for p in paths if p]
+    #: a multi-slice input: which slices (``all`` by default, ``a:b``; see recon.volume)
+    slices: str | None = None
+    #: slices per method call for a multi-slice input
+    batch: int = 4
 
 
 def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
@@ -99,7 +73,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         raise ReconError(f"an INPUT image is required{extra}")
     device = settings.device
     dicom_folders = [Path(inputs.path)] if inputs.path and Path(inputs.path).is_dir() else []
-    folder = OutputFolder(out, inputs=_protected_inputs(acq, inputs), reserved=SINGLE_OUTPUTS,
+    folder = OutputFolder(out, inputs=protected_inputs(acq, inputs), reserved=SINGLE_OUTPUTS,
                           dicom_folders=dicom_folders)
     with folder:
         stage = folder.stage
@@ -116,13 +90,16 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         if size is not None or source is not None:
             check_memory(size if size is not None else min(source.image.shape[-2:]), samples=settings.samples,
                          native=size is None)
-        truth = None
+        truth, geometry_note = None, None
         if measured:
             meas = task.measured(acq, device, size=size, requested_size=settings.size, window=window,
                                  seed=settings.seed, slice_index=inputs.slice)
             timings["load"] = time.perf_counter() - t0
         else:
             truth = task.prepare(source, size, window, getattr(acq, "units", "auto"), getattr(acq, "fov", None))
+            acq, geometry_note = task.acquisition_for(acq, truth)
+            if geometry_note:
+                log(geometry_note)
             timings["load"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             op = acq.operator(truth.size, device, seed=settings.seed)
@@ -132,7 +109,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             meas.reference = truth.x
             timings["simulate"] = time.perf_counter() - t0
         log(f"{label or inputs.path or measured}: {run.name} on {tuple(meas.op.in_shape)} "
-            f"({_noise_text(meas.info)}, sigma_y={meas.sigma_y:.3g})")
+            f"({noise_text(meas.info)}, sigma_y={meas.sigma_y:.3g})")
         warnings = task.measurement_warnings(acq, meas)
         for w in warnings:
             warn(task, w)
@@ -153,7 +130,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         if prior is not None:  # is the input like the prior's training images? (recon.ood)
             from recon.ood import report_for_run
 
-            ood = report_for_run(prior, truth.x if truth is not None else img,
+            ood = report_for_run(prior, np.clip(truth.x, 0, 1) if truth is not None else img,
                                  "input image" if truth is not None else "reconstruction (measured data)")
             if ood.get("available") and not ood["in_distribution"]:
                 text = (f"the {ood['checked']} is out of distribution for the prior: distance "
@@ -169,6 +146,8 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
 
             metrics = compute_metrics(task.metric_image(img, meas), meas.reference)
             metrics.update(data_range=1.0, scale="[0, 1]", reference=meas.info.get("reference", "input image"))
+            if truth is not None:
+                metrics.update(task.extra_metrics(img, truth))
             write_json(stage / "metrics.json", metrics)
         method_settings = {"task": task.name, "method": run.name, **{k: v for k, v in used.items()
                                                                       if k != "callback"}}
@@ -201,6 +180,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             "input": str(inputs.path or measured),
             "options": {**acq.settings(), **settings.record(), "method": run.name, "series": inputs.series,
                         "slice": inputs.slice},
+            "geometry": geometry_note,
             "method": {"name": run.name, "options": used},
             "prior": prior_name and str(prior_name),
             "prior_scale": prior_scale,
@@ -217,7 +197,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             "warnings": warnings,
             "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
             "outputs": written + ["run.json"],
-            "fingerprint": fp or _fingerprint(task, acq, settings, inputs),
+            "fingerprint": fp or run_fingerprint(task, acq, settings, inputs),
         }
         if truth is not None:
             record["input_slice"] = truth.source.slice_index
@@ -227,6 +207,30 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
     return record
 
 
+def reconstruct_any(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
+                    fp: str | None = None, label: str | None = None) -> dict:
+    """One slice (:func:`reconstruct`) or, for a multi-slice input without ``--slice``, every
+    slice in ``--slices`` (:func:`recon.volume.reconstruct_volume`)."""
+    if inputs.slices is not None and inputs.slice is not None:
+        raise ReconError("give either --slice I (one slice) or --slices a:b, not both")
+    if inputs.path and not acq.measured and inputs.slice is None:
+        from recon.io import read_input
+        from recon.volume import parse_slices, reconstruct_volume
+
+        vol = read_input(inputs.path, series_uid=inputs.series)
+        a, b = parse_slices(inputs.slices, vol.n_slices, inputs.path)
+        if vol.n_slices > 1 and b - a > 1:
+            return reconstruct_volume(task, acq, settings, inputs, out, log, slices=(a, b), batch=inputs.batch,
+                                      fp=fp, label=label, volume=vol)
+        inputs = replace(inputs, slice=a)
+    elif inputs.slices is not None and inputs.slice is not None:
+        raise ReconError("give either --slice I (one slice) or --slices a:b, not both")
+    elif inputs.slices is not None and acq.measured:
+        raise ReconError(f"--slices applies to image inputs; measured data ({acq.measured}) are reconstructed "
+                         "one slice at a time: choose it with --slice I")
+    return reconstruct(task, acq, settings, inputs, out, log, fp=fp, label=label)
+
+
 def run_single(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
                manifest: str | None = None, shard: str | None = None) -> int:
     """``recon ct|mri|inpaint``: one input, or a manifest shard."""
@@ -234,11 +238,12 @@ def run_single(task, acq, settings: RunSettings, inputs: Inputs, out, log: Calla
         return _run_manifest(task, acq, settings, inputs, out, log, manifest, shard)
     if shard:
         raise ReconError("--shard needs --manifest FILE (the list of inputs to split)")
-    record = reconstruct(task, acq, settings, inputs, Path(out), log)
+    record = reconstruct_any(task, acq, settings, inputs, Path(out), log)
     m = record.get("metrics")
     if m:
-        log(f"{record['method']['name']}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, NMSE {m['nmse']:.3g} "
-            f"({record['timings_seconds']['reconstruct']:.2f} s)")
+        where = f" over {record['slices']['count']} slices" if record.get("slices") else ""
+        log(f"{record['method']['name']}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, NMSE {m['nmse']:.3g}"
+            f"{where} ({record['timings_seconds']['reconstruct']:.2f} s)")
     log(f"wrote {out}")
     return 0
 
@@ -252,7 +257,7 @@ def _run_manifest(task, acq, settings, inputs, out, log, manifest, shard_text) -
     folder = OutputFolder(out, inputs=[e for _, e in entries], reserved=[entry_name(i, e) for i, e in entries],
                           staged=False)
     folder.prepare()
-    fp = _fingerprint(task, acq, settings, inputs)
+    fp = run_fingerprint(task, acq, settings, inputs)
     done, skipped, failed = [], [], []
     for index, entry in entries:
         name = entry_name(index, entry)
@@ -268,7 +273,7 @@ def _run_manifest(task, acq, settings, inputs, out, log, manifest, shard_text) -
                 pass
         case_acq, case_inputs = task.manifest_entry(acq, inputs, entry)
         try:
-            reconstruct(task, case_acq, settings, case_inputs, case_out, log, fp=fp, label=f"{name} ({entry})")
+            reconstruct_any(task, case_acq, settings, case_inputs, case_out, log, fp=fp, label=f"{name} ({entry})")
             done.append(name)
         except Exception as e:  # noqa: BLE001 - log and go on with the next case
             if settings.debug:
@@ -288,7 +293,8 @@ def _run_manifest(task, acq, settings, inputs, out, log, manifest, shard_text) -
         m = rec["metrics"]
         rows.append({"case": run_json.parent.name, "method": rec["method"]["name"], "psnr": m["psnr"],
                      "ssim": m["ssim"], "nmse": m["nmse"],
-                     "seconds": rec["timings_seconds"].get("reconstruct", float("nan"))})
+                     "seconds": rec["timings_seconds"].get("reconstruct", float("nan")),
+                     **{k: m[k] for k in EXTRA_METRIC_COLUMNS if k in m}})
     if rows:
         write_text(out / "metrics.csv", metrics_csv_text(rows))
     i, n = shard

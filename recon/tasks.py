@@ -19,7 +19,8 @@ imaging problems, so that the runners (:mod:`recon.single`,
 Intensity conventions
 ---------------------
 * CT: Hounsfield units are windowed to [0, 1] (``(HU - lo) / (hi - lo)``,
-  clipped).  The window is ``--window`` if given, else the score prior's
+  clipped below ``lo`` only: bone and metal above ``hi`` keep values > 1, so
+  the simulated line integrals and the output HU are not truncated).  The window is ``--window`` if given, else the score prior's
   window when a score method runs, else (-1000, 1000).  Which inputs are in
   HU (``--units auto``): DICOM with Modality CT; NIfTI and ``.npy`` whose
   minimum is below -100 (air is -1000 HU).  Other inputs (PNG/JPEG/TIFF,
@@ -36,9 +37,30 @@ Noise: CT ``--photons I0`` simulates photon counts on physical line integrals
 1 mm per native pixel).  ``--noise SIGMA`` (every task) adds Gaussian noise of
 std ``SIGMA * rms(A x)`` over the measured entries.  ``sigma_y``, the noise std
 in the units of ``y``, is passed to the methods that accept it.
+
+Measured sinograms (``recon ct --sinogram FILE``)
+------------------------------------------------
+The file is ``(views, detectors)``.  ``--sinogram-units image``: ``y = A x`` for
+the working image with unit pixels; ``attenuation``: post-log line integrals
+(mu in 1/mm times mm), mapped to image units with the window and the pixel
+size ``--fov / --size`` (1 mm without ``--fov``); ``counts`` (implied by
+``--flat``): raw counts, converted first by ``p = -log(max(I - D, e) /
+max(F - D, e))`` with ``e = 1e-6 * max(F - D)``
+(:func:`recon.acquisition.log_transform`; clamped entries counted in
+``info['prelog']``), then read as attenuation.  View angles: ``--angles
+FILE`` (``--angle-units deg|rad``, one per view, distinct modulo 360 degrees),
+else equispaced over 180 (parallel) / 360 (fan) degrees or ``--limited-angle``.
+Detector: as many pixels as the file has, spaced ``--det-spacing / (--fov /
+--size)`` image pixels (parallel beam: the spacing at the rotation axis; fan
+beam: on the detector, at ``--detector-distance`` from the source), else 1
+pixel (parallel) or the magnification (fan).  ``--views N`` keeps ``N`` views
+spread evenly over the angles (:func:`recon.acquisition.select_views`; indices
+and angles in ``info``), and ``--reference full[:METHOD]`` reconstructs all
+measured views as the reference of ``metrics.json`` (:meth:`CTTask._full_reference`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,7 +124,7 @@ class Task:
         kind = self.units_for(source, units)
         if kind == "HU":
             win = tuple(float(v) for v in (window or CT_WINDOW))
-            x = np.stack([hu_to_unit(square_resize(img, size), win) for img in stack])
+            x = np.stack([hu_to_unit(square_resize(img, size), win, full_range=True) for img in stack])
             scale = 1.0
         else:
             scale = float(np.abs(stack).max())
@@ -150,9 +172,11 @@ class Task:
         return img
 
     def output_image(self, img: np.ndarray, truth: Truth | None, meas: Measurement, window):
-        """``(values in the input's units, image for recon.png, its display maximum)``:
-        clipped to [0, 1], then back to HU or intensity."""
-        img01 = np.clip(img, 0, 1)
+        """``(values in the input's units, image for recon.png, its display maximum)``: CT in HU
+        clipped only below the window (full range above it: bone and metal are kept), intensities
+        clipped to [0, 1]; then back to HU or intensity."""
+        hu = truth is None or truth.units == "HU"
+        img01 = np.clip(img, 0, None if hu else 1)
         if truth is not None:
             return truth.to_units(img01), img01, 1.0
         return unit_to_hu(img01, window), img01, 1.0
@@ -160,6 +184,15 @@ class Task:
     def extra_outputs(self, meas: Measurement) -> dict:
         """Task-specific files: name -> (``'npy'`` | ``'png'``, array)."""
         return {}
+
+    def extra_metrics(self, img: np.ndarray, truth: Truth | None) -> dict:
+        """Metrics beyond PSNR/SSIM/NMSE on the [0, 1] scale (CT: HU and clinical windows)."""
+        return {}
+
+    def acquisition_for(self, acq, truth: Truth):
+        """The acquisition for this input (CT: the scanner's fan-beam geometry from DICOM tags),
+        and a note for the run record (None: unchanged)."""
+        return acq, None
 
     def record_extra(self, meas: Measurement) -> dict:
         return {}
@@ -183,11 +216,11 @@ class CTTask(Task):
     # at 23 views and 43.4 / 44.6 / 45.1 / 45.8 / 46.4 / 46.0 dB at 60 views: with exact data TV works
     # best as "min TV subject to A x = y" (below 1e-7, 2000 iterations no longer converge at 23 views).
     method_defaults = {
-        "tv": {"lam": 1e-7, "n_iter": 2000, "clip": (0.0, 1.0)},
+        "tv": {"lam": 1e-7, "n_iter": 2000, "clip": (0.0, None)},
         "sirt": {"n_iter": 300},
     }
     noisy_method_defaults = {
-        "tv": {"lam": 3e-4, "n_iter": 1000, "clip": (0.0, 1.0)},
+        "tv": {"lam": 3e-4, "n_iter": 1000, "clip": (0.0, None)},
     }
 
     def units_for(self, source, mode):
@@ -204,9 +237,23 @@ class CTTask(Task):
     def default_prior(self, source=None, mode="auto"):
         return "ct"
 
+    def acquisition_for(self, acq, truth):
+        return acq.with_scanner_geometry(truth.source, truth.crop[2])
+
+    def extra_metrics(self, img, truth):
+        if truth is None or truth.units != "HU":
+            return {}
+        from recon.metrics import hu_metrics
+
+        return hu_metrics(truth.to_units(np.clip(img, 0, None)), truth.to_units(truth.x))
+
     def measured(self, acq: CTAcquisition, device, *, size, requested_size=None, window, seed=0,
                  slice_index=None) -> Measurement:
-        """A measured sinogram from ``--sinogram FILE`` (no ground truth)."""
+        """A measured sinogram from ``--sinogram FILE`` (no ground truth; module docstring,
+        "Measured sinograms"): raw counts converted to line integrals (``--flat``/``--dark``),
+        the views at ``--angles`` (else equispaced), an evenly spread subset of ``--views N``,
+        and with ``--reference full`` the reconstruction of all measured views as the reference."""
+        from recon.acquisition import log_transform, read_angles, read_detector_field, select_views
         from recon.io import read_npy
 
         if size is None:
@@ -217,21 +264,128 @@ class CTTask(Task):
             raise ReconError(f"{path}: expected a real 2-D sinogram (views, detectors), got "
                              f"{'complex ' if np.iscomplexobj(arr) else ''}shape {arr.shape}")
         check_finite(arr, str(path))
-        n_views, n_det = arr.shape
-        if acq.views is not None and acq.views != n_views:
-            raise ReconError(f"{path}: has {n_views} views (first axis) but --views {acq.views}; "
-                             "fix --views or the file")
-        op = acq.operator(size, device, n_views=n_views, n_det=n_det)
-        y = torch.from_numpy(np.ascontiguousarray(arr))[None].to(device)
-        info = {"model": "measured", "file": str(path), "sinogram_units": acq.sinogram_units}
-        if acq.sinogram_units == "attenuation":
+        n_meas, n_det = arr.shape
+        info = {"model": "measured", "file": str(path), "sinogram_units": acq.sinogram_units,
+                "measured_views": n_meas}
+        if acq.sinogram_units == "counts":
+            flat = read_detector_field(acq.flat, "--flat", n_meas, n_det)
+            dark = read_detector_field(acq.dark, "--dark", n_meas, n_det) if acq.dark else 0.0
+            arr, prelog = log_transform(arr, flat, dark)
+            if prelog["clamped_counts"] == prelog["entries"]:
+                raise ReconError(f"{path}: every count is at or below the dark field (no transmitted photons "
+                                 "after I - D); check the sinogram, --flat and --dark")
+            info["prelog"] = {**prelog, "flat": str(acq.flat), "dark": acq.dark and str(acq.dark)}
+        if acq.angles:
+            angles = read_angles(acq.angles, acq.angle_units, n_meas)
+            info.update(angles_file=str(acq.angles), angle_units=acq.angle_units)
+        else:
+            angles = acq.view_angles(n_meas).double().numpy()
+            arc = acq.limited_angle if acq.limited_angle is not None else math.degrees(acq.period)
+            info["angles_from"] = f"{n_meas} equispaced views over [0, {arc:g}) degrees (no --angles)"
+        if acq.views is not None and acq.views > n_meas:
+            raise ReconError(f"{path}: --views {acq.views} but the sinogram has only {n_meas} measured views "
+                             f"(first axis); choose --views N <= {n_meas} to select a sparse subset, or leave it "
+                             "out to use every view")
+        keep = np.arange(n_meas) if acq.views is None else select_views(angles, acq.views, acq.period)
+        if len(keep) < n_meas:
+            info.update(selected_views=[int(i) for i in keep],
+                        selection=f"{len(keep)} of {n_meas} views: ordered by angle modulo "
+                                  f"{math.degrees(acq.period):g} degrees, positions floor(k * {n_meas} / "
+                                  f"{len(keep)} + 1/2), k = 0..{len(keep) - 1}")
+        info["views"] = len(keep)
+        info["angles_deg"] = [round(float(v), 6) for v in np.rad2deg(angles[keep])]
+        det_px = acq.det_spacing_pixels(size)
+
+        def operator(a):
+            return acq.operator(size, device, angles=a, n_det=n_det, det_spacing=det_px)
+
+        op = operator(angles[keep])
+        magnification = getattr(op, "detector_distance", 1.0) / getattr(op, "source_distance", 1.0)
+        info["detector"] = {"n_det": n_det, "det_spacing_mm": acq.det_spacing, "det_spacing_pixels": op.det_spacing,
+                            "width_at_axis_pixels": n_det * op.det_spacing / magnification,
+                            "spacing_measured": "on the detector (fan beam)" if acq.geometry == "fan" else
+                                                "at the rotation axis (parallel beam)"}
+        y_all = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None].to(device)
+        y = y_all[:, torch.from_numpy(keep).to(device)]
+        physical = acq.sinogram_units in ("attenuation", "counts")  # line integrals: y = (p - b A(1)) / a
+        if physical:
             pixel_mm = (acq.fov / size) if acq.fov else 1.0
             a, b = ct_line_integral_coefficients(window, pixel_mm)
-            y = (y - b * op.A(torch.ones((1, size, size), device=device))) / a
             info.update(pixel_mm=pixel_mm, a=a, b=b, window=list(window))
+
+        def to_image_units(sino, projector):
+            if not physical:
+                return sino
+            return (sino - b * projector.A(torch.ones((1, size, size), device=device))) / a
+
+        y = to_image_units(y, op)
         sigma_y = float(acq.sigma_y or 0.0)
         info["sigma_y"] = sigma_y
-        return Measurement(y=y, op=op, sigma_y=sigma_y, info=info)
+        reference = None
+        if acq.reference is not None:
+            full_op = op if len(keep) == n_meas else operator(angles)
+            y_full = to_image_units(y_all, full_op)
+            reference, info["reference"], info["reference_method"] = self._full_reference(
+                acq, y_full, full_op, size, window)
+        return Measurement(y=y, op=op, sigma_y=sigma_y, info=info, reference=reference)
+
+    def _full_reference(self, acq: CTAcquisition, y, op, size: int, window):
+        """``--reference full[:METHOD]``: the reconstruction of every measured view, on the working
+        scale (clipped as the outputs are).  ``full`` picks FBP when the full set is dense (at
+        least one view per image column and no angular gap of more than 8x the median gap,
+        FBP's missing-wedge rule in :mod:`recon.fbp`), else TV with the measured-data defaults."""
+        from recon.methods import run as run_method_by_name
+
+        method = acq.reference_method()
+        why = "forced by --reference"
+        if method == "auto":
+            a = np.sort(np.mod(op.geom.angles, acq.period))
+            gaps = np.diff(np.concatenate([a, [a[0] + acq.period]]))
+            median = float(np.median(gaps[gaps > 1e-12])) if (gaps > 1e-12).any() else acq.period
+            dense = len(a) >= size and float(gaps.max()) <= 8 * median
+            method = "fbp" if dense else "tv"
+            why = ("the full set is dense: >= one view per image column, no missing wedge" if dense else
+                   "the full set is not dense enough for FBP (fewer views than image columns, or a missing "
+                   "wedge)")
+        options = self.default_options(method, noisy=acq.noisy)
+        with torch.no_grad():
+            img = run_method_by_name(method, y, op, **options)
+        img = img[0].detach().float().cpu().numpy()
+        img01 = self.output_image(img, None, None, window)[1].astype(np.float32)
+        opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "default options"
+        text = (f"{method} reconstruction of all {op.n_views} measured views ({opts}; {why}), on the working "
+                "scale")
+        return img01, text, method
+
+    def measurement_warnings(self, acq, meas):
+        """Measured sinograms: angle units that look wrong, a detector that does not cover the image
+        (truncated projections) or is far wider than it, a reference made from the same views."""
+        info = meas.info
+        if info.get("model") != "measured":
+            return []
+        out = []
+        deg = np.asarray(info.get("angles_deg", []), dtype=np.float64)
+        span = float(deg.max() - deg.min()) if deg.size > 1 else 0.0
+        if info.get("angle_units") == "deg" and deg.size >= 8 and 0 < span <= 2 * math.pi * 1.001:
+            out.append(f"the {deg.size} view angles of {info['angles_file']} span only {span:.3g} degrees: if the "
+                       "file holds radians, pass --angle-units rad")
+        if info.get("angle_units") == "rad" and span > 361:
+            out.append(f"the view angles of {info['angles_file']} span {span / 57.29578:.4g} radians "
+                       f"({span:.4g} degrees): if the file holds degrees, pass --angle-units deg")
+        det = info.get("detector", {})
+        width, size = det.get("width_at_axis_pixels"), meas.op.in_shape[-1]
+        if width is not None and width < size * (1 - 1e-6):
+            out.append(f"the detector spans {width:.4g} image pixels at the rotation axis ({det['n_det']} pixels) but "
+                       f"the image is {size} pixels wide: an object wider than the detector gives truncated "
+                       "projections; check --det-spacing/--fov/--size")
+        elif width is not None and det.get("det_spacing_mm") is None and width > 2 * math.sqrt(2) * size:
+            out.append(f"the detector spans {width:.4g} image pixels at the rotation axis, more than twice the "
+                       f"image diagonal ({det['n_det']} pixels at 1 pixel each): if the sinogram was measured at "
+                       "another resolution, give --det-spacing MM and --fov MM")
+        if info.get("reference") and "selected_views" not in info:
+            out.append("--reference full without --views N: the reference is reconstructed from the same views "
+                       "as the result, so the metrics measure agreement with it, not accuracy")
+        return out
 
     def extra_outputs(self, meas):
         return {"sinogram.npy": ("npy", meas.y[0].float().cpu().numpy())}
@@ -520,7 +674,7 @@ class InpaintTask(Task):
     acquisition_type = InpaintAcquisition
     # tuned on totalseg_example_j2k slices 5 and 15 at 128 px, central box of 25 % area
     method_defaults = {
-        "tv": {"lam": 2e-2, "n_iter": 1000, "clip": (0.0, 1.0)},
+        "tv": {"lam": 2e-2, "n_iter": 1000, "clip": (0.0, None)},
     }
 
     def units_for(self, source, mode):

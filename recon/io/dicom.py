@@ -998,6 +998,13 @@ def write_dicom_series(volume_or_array: Volume | np.ndarray, reference: Volume,
                 image_type.append("AXIAL")
             ds.ImageType = image_type
             ds.DerivationDescription = derivation
+            if src.get("SOPInstanceUID") and src.get("SOPClassUID"):  # which source image this slice derives from
+                item = Dataset()
+                item.ReferencedSOPClassUID = src.SOPClassUID
+                item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+                if int(src.get("NumberOfFrames", 1) or 1) > 1:
+                    item.ReferencedFrameNumber = k + 1  # a multi-frame header repeats once per frame
+                ds.SourceImageSequence = [item]
             ds.Manufacturer = "recon"
             ds.SoftwareVersions = f"recon {version}"[:64]
             # geometry

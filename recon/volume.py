@@ -1,0 +1,410 @@
+"""Whole studies: every slice of a volume (or ``--slices a:b``), streamed in batches.
+
+``recon ct SERIES`` / ``recon mri VOLUME`` / ``recon inpaint VOLUME`` reconstruct
+every slice of a multi-slice input by default (``--slice I`` takes one).  The
+slices are read once as float32, brought to the working scale, and
+reconstructed ``--batch-slices B`` at a time (one method call per batch, the
+slices along the batch axis).  Memory stays bounded by the batch, not the study.
+
+* **Slice consistency.**  A method whose ``z_weight`` is positive (``tv3d``;
+  ``tv`` and ``score-fast`` with ``--param z_weight=W``) couples neighbouring
+  slices.  Each batch is then extended by :data:`HALO` slices on both sides
+  (reconstructed and thrown away), so batch borders do not show as seams.
+* **Seeds.**  The simulated measurement of slice ``k`` (absolute index in the
+  input) uses the generator seed :func:`slice_seed` ``(seed, k)``, so a slice's
+  data do not depend on the batching; a stochastic method's batch starting at
+  slice ``k`` is seeded the same way (its samples depend on ``--batch-slices``).
+* **Resume.**  Finished slices are kept in ``OUT/.recon-parts-<fingerprint>/``
+  (one ``.npz`` per slice, written atomically).  A killed run restarted with
+  the same settings reuses them and recomputes only the rest; the folder is
+  removed when the study is complete.
+* **Outputs** (staged, moved into place at the end): for DICOM input a derived
+  series ``dicom/`` with every slice (InstanceNumber, ImagePositionPatient,
+  SliceLocation, SourceImageSequence per slice, full HU range) and, with
+  ``--samples K``, the standard deviation as a second series ``dicom_std/``;
+  always ``recon.nii.gz`` (and ``std.nii.gz``) with the volume's affine;
+  ``recon.png`` (the middle slice), ``coronal.png`` and ``sagittal.png``
+  (reformats at the physical aspect); ``metrics.json`` with metrics over the
+  volume, per slice and on the coronal and sagittal reformats (where
+  slice-by-slice methods show stripes), ``metrics_slices.csv``; ``run.json``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from recon.errors import ReconError
+
+__all__ = ["parse_slices", "plan_batches", "slice_seed", "PartStore", "reconstruct_volume", "volume_metrics",
+           "HALO", "DEFAULT_BATCH"]
+
+#: slices added on each side of a batch when the method couples slices (thrown away afterwards)
+HALO = 2
+#: slices per method call by default
+DEFAULT_BATCH = 4
+#: what a study run writes (older outputs of these names are replaced)
+VOLUME_OUTPUTS = ("recon.nii.gz", "recon.png", "coronal.png", "sagittal.png", "metrics.json", "metrics_slices.csv",
+                  "run.json", "sinogram.npy", "std.npy", "std.png", "std.nii.gz", "dicom", "dicom_std")
+
+
+def parse_slices(text: str | None, n: int, path="input") -> tuple[int, int]:
+    """``--slices``: ``all`` (default), ``a:b`` (0-based, ``b`` excluded, either may be
+    omitted, negative counts from the end) or ``k`` -> ``(start, stop)`` within ``n`` slices."""
+    if text is None or str(text).strip().lower() == "all":
+        return 0, n
+    t = str(text).strip()
+    try:
+        if ":" in t:
+            a_text, b_text = t.split(":", 1)
+            a = int(a_text) if a_text.strip() else 0
+            b = int(b_text) if b_text.strip() else n
+        else:
+            a = int(t)
+            b = a + 1 if a >= 0 else (a + 1 if a < -1 else n)
+    except ValueError:
+        raise ReconError(f"--slices must be 'all', 'a:b' (0-based, b excluded) or one index, got {text!r}") from None
+    a = a + n if a < 0 else a
+    b = b + n if b < 0 else b
+    if not (0 <= a < b <= n):
+        raise ReconError(f"{path}: --slices {text} selects no slices or lies outside the input's {n} slice(s) "
+                         f"(valid: 0..{n - 1}, e.g. --slices 0:{n})")
+    return a, b
+
+
+def plan_batches(start: int, stop: int, batch: int, halo: int = 0) -> list[tuple[int, int, int, int]]:
+    """``(core_start, core_stop, ext_start, ext_stop)`` per batch: the core slices are kept,
+    the extension adds up to ``halo`` neighbours on each side within ``[start, stop)``."""
+    if batch < 1:
+        raise ReconError(f"--batch-slices must be a positive integer, got {batch}")
+    plan = []
+    for c0 in range(start, stop, batch):
+        c1 = min(c0 + batch, stop)
+        plan.append((c0, c1, max(start, c0 - halo), min(stop, c1 + halo)))
+    return plan
+
+
+def slice_seed(seed: int, k: int) -> int:
+    """The generator seed of slice ``k``'s simulated measurement (and of a batch starting at ``k``)."""
+    return (int(seed) * 1_000_003 + int(k)) % (2 ** 63)
+
+
+class PartStore:
+    """Finished slices of an interrupted study: ``OUT/.recon-parts-<fingerprint>/slice-K.npz``."""
+
+    def __init__(self, out: Path, fp: str):
+        self.folder = Path(out) / f".recon-parts-{fp}"
+
+    def path(self, k: int) -> Path:
+        return self.folder / f"slice-{k:05d}.npz"
+
+    def done(self, k: int) -> bool:
+        return self.path(k).is_file()
+
+    def save(self, k: int, img: np.ndarray, std: np.ndarray | None, seconds: float, extra: np.ndarray | None):
+        from recon.io._util import atomic_output
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        arrays = {"img": np.asarray(img, np.float32), "seconds": np.float64(seconds)}
+        if std is not None:
+            arrays["std"] = np.asarray(std, np.float32)
+        if extra is not None:
+            arrays["extra"] = np.asarray(extra, np.float32)
+        with atomic_output(self.path(k), ".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+    def load(self, k: int) -> dict:
+        try:
+            with np.load(self.path(k), allow_pickle=False) as z:
+                return {key: z[key] for key in z.files}
+        except Exception as e:  # a damaged part is recomputed
+            raise OSError(f"unreadable part {self.path(k)}: {e}") from e
+
+    def remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def couples_slices(run) -> bool:
+    """Whether the planned method couples neighbouring slices (``z_weight`` > 0)."""
+    from recon.execute import _signature_default
+
+    w = run.options.get("z_weight", _signature_default(run.method.fn, "z_weight"))
+    try:
+        return float(w or 0.0) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _reformat_ssim(x: np.ndarray, ref: np.ndarray, axis: int) -> float | None:
+    """Mean SSIM over the planes of a reformat (axis 1: coronal, 2: sagittal) of (z, y, x) volumes."""
+    from recon.metrics import ssim
+
+    if x.shape[0] < 7:  # SSIM's 7-pixel window needs 7 slices
+        return None
+    step = max(1, x.shape[axis] // 128)  # at most ~128 planes: the mean is stable, the cost small
+    vals = [ssim(np.take(x, i, axis=axis), np.take(ref, i, axis=axis), data_range=1.0)
+            for i in range(0, x.shape[axis], step)]
+    return float(np.mean(vals))
+
+
+def volume_metrics(x: np.ndarray, ref: np.ndarray) -> dict:
+    """Metrics of a ``(z, y, x)`` reconstruction against its reference (both [0, 1] scale, the
+    reconstruction clipped as in :func:`recon.metrics.compute_metrics`): PSNR/NMSE over the whole
+    volume, SSIM averaged over the axial slices and over the coronal and sagittal reformats, and
+    the per-slice PSNR/SSIM/NMSE."""
+    from recon.metrics import compute_metrics
+
+    r = np.clip(np.asarray(x, np.float64), 0, 1)
+    t = np.asarray(ref, np.float64)
+    per = [compute_metrics(r[i], t[i]) for i in range(r.shape[0])]
+    mse = float(np.mean((r - t) ** 2))
+    return {"psnr": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
+            "ssim": float(np.mean([p["ssim"] for p in per])),
+            "nmse": float(np.sum((r - t) ** 2) / max(float(np.sum(t ** 2)), 1e-30)),
+            "ssim_coronal": _reformat_ssim(r, t, 1),
+            "ssim_sagittal": _reformat_ssim(r, t, 2), "per_slice": per}
+
+
+def _reformat_png(vol: np.ndarray, axis: int, z_scale: float, path: Path, vmax: float = 1.0) -> None:
+    """The middle coronal (axis 1) or sagittal (axis 2) plane, stretched along z to the physical aspect."""
+    from skimage.transform import resize
+
+    from recon.io import write_png
+
+    plane = np.take(vol, vol.shape[axis] // 2, axis=axis)
+    rows = max(1, int(round(plane.shape[0] * z_scale)))
+    if rows != plane.shape[0]:
+        plane = resize(plane, (rows, plane.shape[1]), order=1, preserve_range=True, anti_aliasing=False)
+    write_png(np.flipud(plane), path, vmin=0.0, vmax=vmax)  # head up: slice order is usually feet -> head
+
+
+def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], None] = print, *,
+                       slices: tuple[int, int], batch: int = DEFAULT_BATCH, fp: str | None = None,
+                       label: str | None = None, volume=None) -> dict:
+    """Reconstruct slices ``[a, b)`` of ``inputs.path`` into ``out`` (see the module docstring);
+    returns the run record (also ``run.json``)."""
+    from forward_models.physics import Measurement
+    from recon.case import load_source
+    from recon.execute import (PriorCache, check_memory, check_samples, known_pixel_mm, noise_text, plan_methods,
+                               progress_bar, protected_inputs, run_fingerprint, run_method, std_calibration, warn,
+                               working_window_and_size)
+    from recon.io import write_npy, write_png
+    from recon.io.derived import slice_affine, write_image_outputs
+    from recon.io.nifti import write_nifti
+    from recon.multiscale import for_data
+    from recon.outputs import OutputFolder, versions, write_json, write_text
+
+    t_start = time.perf_counter()
+    (run,) = plan_methods(list(settings.methods), task, settings.params, noisy=acq.noisy)
+    check_samples(settings.samples, [run])
+    a, b = slices
+    n = b - a
+    device = settings.device
+    coupled = couples_slices(run)
+    halo = HALO if coupled and n > 1 else 0
+    fp = fp or run_fingerprint(task, acq, settings, inputs)  # covers --slices and --batch-slices
+    dicom_folders = [Path(inputs.path)] if Path(inputs.path).is_dir() else []
+    reserved = VOLUME_OUTPUTS
+    folder = OutputFolder(out, inputs=protected_inputs(acq, inputs), reserved=reserved, dicom_folders=dicom_folders)
+    timings: dict[str, float] = {}
+    with folder:
+        stage = folder.stage
+        t0 = time.perf_counter()
+        source = load_source(inputs.path, inputs.series, a, n_slices=n, volume=volume)
+        task.check_source(source, settings.force_modality)
+        prior, prior_name = None, None
+        if run.score:
+            prior_name = settings.prior or task.default_prior(source, getattr(acq, "units", "auto"))
+            prior = PriorCache(device).get(prior_name)
+            prior._recon_source = str(prior_name)
+        window, size = working_window_and_size(acq, settings.size, prior)
+        check_memory(size if size is not None else min(source.image.shape[-2:]), samples=settings.samples,
+                     slices=min(n, batch + 2 * halo), native=size is None)
+        truth = task.prepare(source, size, window, getattr(acq, "units", "auto"), getattr(acq, "fov", None))
+        acq, geometry_note = task.acquisition_for(acq, truth)
+        if geometry_note:
+            log(geometry_note)
+        timings["load"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        op = acq.operator(truth.size, device, seed=settings.seed)
+        timings["operator"] = time.perf_counter() - t0
+        pixel_mm = known_pixel_mm(truth, acq, size)
+        parts = PartStore(folder.path, fp)
+        plan = plan_batches(a, b, batch, halo)
+        reused = sum(parts.done(k) for k in range(a, b))
+        if reused:
+            log(f"resuming: {reused} of {n} slice(s) already reconstructed in {parts.folder}")
+        log(f"{label or inputs.path}: {run.name} on {n} slice(s) {a}:{b} of {tuple(op.in_shape)}, "
+            f"batches of {batch}" + (f" (+{halo} neighbour slices each side: the method couples slices)"
+                                     if halo else ""))
+        info0, sigmas, used, method_seconds = None, [], {}, 0.0
+        with progress_bar(settings.progress, n, f"{run.name} slices") as bar:
+            if bar is not None and reused:
+                bar.update(reused)
+            for c0, c1, e0, e1 in plan:
+                if all(parts.done(k) for k in range(c0, c1)):
+                    continue
+                ys = []
+                for k in range(e0, e1):
+                    sub = replace(truth, x=truth.x[k - a])
+                    m = task.simulate(sub, acq, device, seed=slice_seed(settings.seed, k), op=op)
+                    ys.append(m.y)
+                    sigmas.append(m.sigma_y)
+                    info0 = info0 or m.info
+                meas = Measurement(y=torch.cat(ys), op=op, sigma_y=float(np.sqrt(np.mean(np.square(sigmas)))),
+                                   info=info0)
+                img, std, seconds, used = run_method(run, meas, prior=prior, seed=slice_seed(settings.seed, c0),
+                                                     samples=settings.samples, progress=False, task=task.name,
+                                                     pixel_mm=pixel_mm, stack=True)
+                method_seconds += seconds
+                extra = task.extra_outputs(meas)
+                sino = extra.get("sinogram.npy")
+                for k in range(c0, c1):
+                    i = k - e0
+                    parts.save(k, img[i], None if std is None else std[i], seconds * (c1 - c0) / (e1 - e0) / (c1 - c0),
+                               None if sino is None else meas.y[i].float().cpu().numpy())
+                if bar is not None:
+                    bar.update(c1 - c0)
+        # assemble from the parts (every slice is there now)
+        loaded = [parts.load(k) for k in range(a, b)]
+        img = np.stack([p["img"] for p in loaded])
+        std = np.stack([p["std"] for p in loaded]) if settings.samples > 1 else None
+        sino = np.stack([p["extra"] for p in loaded]) if all("extra" in p for p in loaded) else None
+        per_slice_seconds = [float(p["seconds"]) for p in loaded]
+        timings["reconstruct"] = float(sum(per_slice_seconds))
+        timings["reconstruct_this_run"] = method_seconds
+        if info0 is None:  # everything was resumed: describe the measurement of the first slice again
+            m = task.simulate(replace(truth, x=truth.x[0]), acq, device, seed=slice_seed(settings.seed, a), op=op)
+            info0, sigmas = m.info, [m.sigma_y]
+        meas_info = dict(info0)
+        log(f"{label or inputs.path}: {run.name} ({noise_text(meas_info)}), {n} slice(s) in "
+            f"{timings['reconstruct']:.1f} s ({timings['reconstruct'] / n:.1f} s per slice)")
+        warnings = task.measurement_warnings(acq, Measurement(y=torch.zeros(1), op=op, info=meas_info))
+        for w in warnings:
+            warn(task, w)
+        prior_scale = (for_data(prior, op.in_shape, used.get("pixel_mm"), used.get("prior_scale")).describe()
+                       if prior is not None else None)
+        ood = None
+        if prior is not None:
+            from recon.ood import report_for_run
+
+            ood = report_for_run(prior, np.clip(truth.x[n // 2], 0, 1), "input image (middle slice)")
+            if ood.get("available") and not ood["in_distribution"]:
+                text = (f"the {ood['checked']} is out of distribution for the prior: distance "
+                        f"{ood['distance']:.2f} > threshold {ood['threshold']:.2f} ({ood['reference']}); "
+                        "the prior may hallucinate or smooth what it has not seen -- compare with a baseline")
+                warn(task, text)
+                warnings.append(text)
+        t0 = time.perf_counter()
+        stub = Measurement(y=torch.zeros(1), op=op, info=meas_info)
+        ref = np.stack([np.asarray(task.metric_image(truth.x[i], stub)) for i in range(n)])
+        rec_m = np.stack([np.asarray(task.metric_image(img[i], stub)) for i in range(n)])
+        metrics = volume_metrics(rec_m, np.clip(ref, 0, 1))
+        metrics.update(data_range=1.0, scale="[0, 1]", reference="input image", slices=[a, b])
+        metrics.update(task.extra_metrics(img, truth))
+        write_json(stage / "metrics.json", metrics)
+        rows = ["slice,psnr,ssim,nmse,seconds"] + [
+            f"{a + i},{p['psnr']:.6g},{p['ssim']:.6g},{p['nmse']:.6g},{per_slice_seconds[i]:.4g}"
+            for i, p in enumerate(metrics["per_slice"])]
+        write_text(stage / "metrics_slices.csv", "\n".join(rows) + "\n")
+        method_settings = {"task": task.name, "method": run.name, **{k: v for k, v in used.items() if k != "callback"}}
+        shown = []
+        values = []
+        vmax = 1.0
+        for i in range(n):
+            v, s_img, vmax = task.output_image(img[i], truth, stub, window)
+            values.append(v)
+            shown.append(s_img)
+        values = np.stack(values)
+        shown = np.stack(shown)
+        written = write_image_outputs(stage, values, truth, run.name, method_settings)
+        affine = (slice_affine(source.reference, a, truth.crop, truth.size) if source.reference is not None
+                  and getattr(source.reference, "affine", None) is not None
+                  else np.diag([truth.pixel_mm, truth.pixel_mm, 1.0, 1.0]))
+        if "recon.nii.gz" not in written:
+            write_nifti(values, stage / "recon.nii.gz", affine=affine)
+            written.append("recon.nii.gz")
+        write_png(shown[n // 2], stage / "recon.png", vmin=0.0, vmax=vmax)
+        written.append("recon.png")
+        dz = float(source.reference.spacing[0]) if source.reference is not None else 1.0
+        if n > 1:
+            z_scale = dz / truth.pixel_mm if truth.pixel_mm else 1.0
+            _reformat_png(shown, 1, z_scale, stage / "coronal.png", vmax)
+            _reformat_png(shown, 2, z_scale, stage / "sagittal.png", vmax)
+            written += ["coronal.png", "sagittal.png"]
+        if sino is not None:
+            write_npy(sino, stage / "sinogram.npy")
+            written.append("sinogram.npy")
+        std_scale = None
+        if std is not None:
+            unit = (truth.window[1] - truth.window[0]) if truth.units == "HU" else truth.scale
+            std_units = (std * unit).astype(np.float32)
+            write_npy(std, stage / "std.npy")
+            write_nifti(std_units, stage / "std.nii.gz", affine=affine)
+            write_png(std[n // 2], stage / "std.png", vmin=0.0, vmax=max(float(std.max()), 1e-12))
+            written += ["std.npy", "std.nii.gz", "std.png"]
+            if source.fmt == "dicom" and source.reference is not None:
+                from recon.io.derived import cropped_reference
+                from recon.io.dicom import write_dicom_series
+
+                files = write_dicom_series(std_units, cropped_reference(source.reference, truth.crop),
+                                           stage / "dicom_std", f"{run.name} std", method_settings,
+                                           slice_indices=source.slice_indices,
+                                           series_description=f"posterior std [{run.name}]")
+                written += [str(Path("dicom_std") / f.name) for f in files]
+            std_scale = std_calibration(prior, task.name, run.name)
+        written += ["metrics.json", "metrics_slices.csv"]
+        timings["write"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        record = {
+            "command": f"recon {task.name}",
+            "argv": list(sys.argv),
+            "versions": versions(),
+            "seed": settings.seed,
+            "device": str(device),
+            "input": str(inputs.path),
+            "options": {**acq.settings(), **settings.record(), "method": run.name, "series": inputs.series,
+                        "slices": f"{a}:{b}", "batch_slices": batch},
+            "geometry": geometry_note,
+            "method": {"name": run.name, "options": used},
+            "prior": prior_name and str(prior_name),
+            "prior_scale": prior_scale,
+            "out_of_distribution_check": ood,
+            "working_size": list(op.in_shape),
+            "slices": {"start": a, "stop": b, "count": n, "batch": batch, "halo": halo,
+                       "resumed": int(reused), "couples_slices": coupled,
+                       "seed_rule": "slice k: seed * 1000003 + k (recon.volume.slice_seed)"},
+            "window": list(window) if task.uses_window(truth) else None,
+            "units": task.units_label(truth),
+            "pixel_mm": truth.pixel_mm,
+            "slice_spacing_mm": dz if source.reference is not None else None,
+            "measurement": meas_info,
+            "sigma_y": float(np.sqrt(np.mean(np.square(sigmas)))) if sigmas else None,
+            "samples": settings.samples,
+            "std_calibration": std_scale,
+            "metrics": {k: v for k, v in metrics.items() if k != "per_slice"},
+            "warnings": warnings,
+            "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
+            "seconds_per_slice": round(timings["reconstruct"] / n, 4),
+            "outputs": written + ["run.json"],
+            "fingerprint": fp,
+            "crop": list(truth.crop),
+        }
+        write_json(stage / "run.json", record)
+    parts.remove()
+    return record
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
