@@ -254,6 +254,14 @@ def log_transform(counts: np.ndarray, flat: np.ndarray, dark=0.0, eps: float = P
     return p, stats
 
 
+def _shape(size) -> tuple[int, int]:
+    """``S`` -> ``(S, S)``; ``(rows, cols)`` stays."""
+    if isinstance(size, (tuple, list)):
+        rows, cols = (int(v) for v in size)
+        return rows, cols
+    return int(size), int(size)
+
+
 class _Acquisition:
     """Shared helpers (not a hierarchy to extend: each kind is a plain dataclass)."""
 
@@ -453,13 +461,18 @@ class CTAcquisition(_Acquisition):
             return None
         return float(self.det_spacing) / (float(self.fov) / int(size))
 
-    def operator(self, size: int, device=None, *, n_views: int | None = None, n_det: int | None = None,
+    def operator(self, size, device=None, *, n_views: int | None = None, n_det: int | None = None,
                  angles=None, det_spacing: float | None = None, seed=0):
         """The projector at the working ``size``: ``angles`` (radians) if given, else ``n_views``
         (default --views) equispaced ones; ``n_det`` detector pixels (default: covering the image)
         spaced ``det_spacing`` image pixels (default: 1 at the rotation axis for parallel beam,
         at the detector for fan beam, where the default is the magnification)."""
         from forward_models import FanBeamCT, ParallelBeamCT
+
+        rows, cols = _shape(size)
+        if rows != cols:
+            raise ReconError(f"CT reconstructs a square image; got a {rows}x{cols} working size")
+        size = rows
 
         if angles is None:
             n_views = n_views or self.views
@@ -536,10 +549,12 @@ class MRIAcquisition(_Acquisition):
             kw["match_acceleration"] = True
         return MRI_MASKS[self.mask](self.accel, **kw)(shape, seed=seed).mask
 
-    def operator(self, size: int, device=None, *, seed: int = 0):
+    def operator(self, size, device=None, *, seed: int = 0):
+        """Undersampled Cartesian MRI at the working ``size`` (``S`` or ``(rows, cols)``)."""
         from forward_models import CartesianMRI
 
-        return CartesianMRI(self.make_mask((size, size), seed), shape=(size, size)).to(device)
+        shape = _shape(size)
+        return CartesianMRI(self.make_mask(shape, seed), shape=shape).to(device)
 
     def noise_model(self, window=None, pixel_mm: float = 1.0):
         return self.gaussian()
@@ -597,10 +612,12 @@ class InpaintAcquisition(_Acquisition):
               "strokes": {"n_strokes": self.strokes}}[self.mask]
         return INPAINT_MASKS[self.mask](**kw)(shape, seed=seed).mask
 
-    def operator(self, size: int, device=None, *, seed: int = 0):
+    def operator(self, size, device=None, *, seed: int = 0):
+        """Missing pixels at the working ``size`` (``S`` or ``(rows, cols)``)."""
         from forward_models import Inpainting
 
-        return Inpainting(self.make_mask((size, size), seed), shape=(size, size)).to(device)
+        shape = _shape(size)
+        return Inpainting(self.make_mask(shape, seed), shape=shape).to(device)
 
     def noise_model(self, window=None, pixel_mm: float = 1.0):
         return self.gaussian()

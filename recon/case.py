@@ -66,12 +66,18 @@ class Truth:
     units: str                        # 'HU' or 'intensity'
     scale: float = 1.0                # intensity: native = x * scale
     window: tuple | None = None       # HU window when units == 'HU'
-    crop: tuple = (0, 0, 0)           # (top, left, side) of the square crop (native pixels)
-    pixel_mm: float = 1.0             # mm per pixel at the working size
+    crop: tuple = (0, 0, 0, 0)        # (top, left, rows, cols) of the input region used (native pixels)
+    pixel_mm: float = 1.0             # mm per pixel at the working size (along a row)
 
     @property
     def size(self) -> int:
+        """The working width (= height for a square working image)."""
         return int(self.x.shape[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The working ``(rows, cols)``."""
+        return int(self.x.shape[-2]), int(self.x.shape[-1])
 
     def batch(self, device=None) -> torch.Tensor:
         """The slices as a ``(B, S, S)`` tensor (B = 1 for one slice)."""

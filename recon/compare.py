@@ -88,7 +88,7 @@ class Comparison:
         truth = self.task.prepare(source, size, window, getattr(self.acq, "units", "auto"),
                                   getattr(self.acq, "fov", None))
         # ONE measurement shared by all methods
-        meas = self.task.simulate(truth, self.acq, s.device, seed=s.seed, op=self.operator(truth.size))
+        meas = self.task.simulate(truth, self.acq, s.device, seed=s.seed, op=self.operator(truth.shape))
         res.truth, res.sigma_y = truth, meas.sigma_y
         if prior is not None:
             from recon.ood import report_for_run

@@ -16,6 +16,7 @@ Built-in names::
     'fbp'           CT only (recon.fbp.fbp, imported lazily)
     'sirt'          any real operator with nonnegative row/column sums
     'tv'            any operator (real or complex)
+    'tv3d'          any operator; 3-D TV over the batch of consecutive slices (tv with z_weight)
     'cgls'          any operator
     'zero-filled'   MRI only
     'sense-adjoint' MRI only
@@ -255,6 +256,8 @@ register("fbp", _fbp, supports=is_ct, applies_to="a CT operator (ParallelBeamCT/
 register("sirt", baselines.sirt, supports=real_operator,
          applies_to="a real operator with nonnegative entries (e.g. CT)", tasks=("ct", "inpaint"))
 register("tv", baselines.tv, supports=any_operator, applies_to="any operator")
+register("tv3d", baselines.tv3d, supports=any_operator, applies_to="any operator",
+         description="3-D TV over a stack of consecutive slices (tv with a tuned z_weight)")
 register("cgls", baselines.cgls, supports=any_operator, applies_to="any operator")
 register("zero-filled", baselines.zero_filled, supports=is_mri, applies_to="an MRI operator", tasks=("mri",))
 register("sense-adjoint", baselines.sense_adjoint, supports=is_mri, applies_to="an MRI operator", tasks=("mri",))

@@ -25,7 +25,11 @@ Implemented:
 * ``dps_sample`` -- diffusion posterior sampling (Chung et al., ICLR 2023).
 * ``dds_sample`` -- a fast solver: Tweedie estimate, a few conjugate-gradient
   steps on the data term, full re-noising (in the style of DDS, Chung, Lee &
-  Ye, ICLR 2024), on a Karras schedule of <= 100 network evaluations.
+  Ye, ICLR 2024), on a Karras schedule of <= 100 network evaluations.  With
+  ``z_weight > 0`` the batch is one volume (consecutive slices along the batch
+  axis) and the data step adds a TV penalty along z, solved by ADMM with CG
+  inner solves (:class:`ZTVDataStep`, as in DiffusionMBIR, Chung et al. CVPR
+  2023, and DDS).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import math
 import torch
 
 from forward_models.base import cgls, complex_dtype
+from recon.baselines import grad_z, grad_z_adjoint, operator_norm
 from recon.errors import ReconError
 from recon.sde import SDE
 
@@ -115,6 +120,89 @@ def cgls_data_step(op, y, x0, n_iter: int = 10, damp: float = 0.0):
     residual set by the dtype's precision, so converged items never drift along the null space."""
     tol = torch.finfo(x0.dtype).eps * 1000
     return cgls(op, y, n_iter=n_iter, x0=x0, tol=tol, damp=math.sqrt(damp), x_ref=x0, real=True)
+
+
+def _soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:
+    """``sign(v) max(|v| - t, 0)``: the prox of ``t ||.||_1`` (real tensors)."""
+    return torch.sign(v) * torch.clamp(v.abs() - t, min=0.0)
+
+
+#: ADMM penalty of :class:`ZTVDataStep` relative to ``||A||^2`` (rho = ZTV_RHO * ||A||^2)
+ZTV_RHO = 1.0
+
+
+class ZTVDataStep:
+    """Data step with slice consistency (issue #11): over real volumes ``x`` whose batch
+    axis is z (consecutive slices), ``argmin_x 0.5 ||A x - y||^2 + 0.5 damp ||x - x0||^2
+    + lam ||D_z x||_1`` with ``lam = z_weight ||A||^2`` (the relative weight convention of
+    :mod:`recon.baselines`) and ``D_z`` the forward difference along the batch axis
+    (:func:`recon.baselines.grad_z`, Neumann boundary).
+
+    Solved by ADMM on the split ``v = D_z x`` (scaled dual ``u``), as DiffusionMBIR
+    (Chung et al., CVPR 2023) and DDS (Chung, Lee & Ye, ICLR 2024) do:
+
+    * x-update: ``n_iter`` CG iterations, started at the current estimate, on the
+      normal equations ``(A^T A + damp + rho D_z^T D_z) x = A^T y + damp x0 +
+      rho D_z^T (v - u)`` (one coupled system: inner products over the whole volume);
+    * ``v = soft(D_z x + u, lam / rho)``;  ``u = u + D_z x - v``.
+
+    ``rho = ZTV_RHO ||A||^2``.  The splitting variables ``v, u`` start at zero and are
+    carried from one call (noise level) to the next, as DiffusionMBIR shares them
+    across diffusion steps; each call runs ``admm_iters`` ADMM iterations started at
+    ``x0`` (the Tweedie estimate).
+    """
+
+    def __init__(self, op, y, z_weight: float, admm_iters: int = 1, op_norm: float | None = None):
+        self.op, self.y = op, y
+        s2 = float(op_norm) ** 2 if op_norm is not None else operator_norm(op, y.device, y.real.dtype) ** 2
+        self.lam = float(z_weight) * s2
+        self.rho = ZTV_RHO * s2
+        self.admm_iters = int(admm_iters)
+        self.v = self.u = None
+        self._aty = None
+
+    def _adj(self, r):
+        out = self.op.AH(r)
+        return out.real if out.is_complex() else out
+
+    def _normal(self, x, damp):
+        out = self._adj(_as_measurement(self.op, x)) + self.rho * grad_z_adjoint(grad_z(x))
+        return out + damp * x if damp else out
+
+    def _cg(self, x, b, n_iter, damp):
+        tol2 = (torch.finfo(x.dtype).eps * 1000) ** 2
+        r = b - self._normal(x, damp)
+        p = r.clone()
+        gamma = float((r * r).sum())
+        stop = tol2 * max(float((b * b).sum()), torch.finfo(x.dtype).tiny)
+        for _ in range(int(n_iter)):
+            if gamma <= stop:
+                break
+            q = self._normal(p, damp)
+            delta = float((p * q).sum())
+            if not delta > 0:
+                break
+            alpha = gamma / delta
+            x = x + alpha * p
+            r = r - alpha * q
+            gamma_new = float((r * r).sum())
+            p = r + (gamma_new / gamma) * p
+            gamma = gamma_new
+        return x
+
+    def __call__(self, x0, n_iter: int = 10, damp: float = 0.0):
+        if self._aty is None:
+            self._aty = self._adj(self.y)
+            self.v = torch.zeros_like(x0)
+            self.u = torch.zeros_like(x0)
+        x = x0
+        rhs0 = self._aty + damp * x0 if damp else self._aty
+        for _ in range(self.admm_iters):
+            x = self._cg(x, rhs0 + self.rho * grad_z_adjoint(self.v - self.u), n_iter, damp)
+            dz = grad_z(x)
+            self.v = _soft_threshold(dz + self.u, self.lam / self.rho)
+            self.u = self.u + dz - self.v
+        return x
 
 
 # ---------------------------------------------------------------------------
@@ -323,7 +411,7 @@ def dps_sample(y, op, prior, *, n_steps: int = 500, zeta: float = 1.0, sigma_max
 def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_max: float = 3.0,
                sigma_min: float = 0.002, rho: float = 7.0, eta: float = 1.0, sigma_y: float = 0.0,
                final_cg_iters: int | None = None, clip=(0.0, 1.0), generator=None, callback=None,
-               sigmas=None, x_init=None):
+               sigmas=None, x_init=None, z_weight: float = 0.0, admm_iters: int = 1):
     """One network evaluation per level: x0 = D(x, sigma); x0 <- CG on ||A x - y||^2
     (damped toward D's estimate when the data are noisy); x <- x0 + sigma_next noise.
 
@@ -338,12 +426,20 @@ def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_ma
     ``n_steps``, ``sigma_min``, ``sigma_max`` and ``rho`` are ignored).
     ``x_init``: the starting sample ``(B, *op.in_shape)`` (default: noise of
     std ``sigmas[0]`` from ``generator``).
+
+    ``z_weight > 0`` (slice consistency): the batch items are consecutive slices of
+    one volume and the data step adds ``z_weight ||A||^2 ||D_z x||_1`` (TV along the
+    batch axis), solved by ``admm_iters`` ADMM iterations per level with ``cg_iters``
+    (``final_cg_iters`` at the last level) CG iterations each (:class:`ZTVDataStep`).
+    ``z_weight = 0`` (default) or a single slice runs the plain CGLS data step
+    unchanged (bit-identical results).
     """
     sigmas = _sigma_list(sigmas, lambda: karras_sigmas(n_steps, sigma_min, sigma_max, rho))
     n_steps = len(sigmas) - 1
     shape = (y.shape[0], *op.in_shape)
     dtype = y.real.dtype
     x = _initial(x_init, shape, sigmas[0], generator, dtype, y.device)
+    z_step = ZTVDataStep(op, y, z_weight, admm_iters) if z_weight > 0 and shape[0] > 1 else None
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         x0_prior = prior.denoise(x, s)
@@ -352,7 +448,10 @@ def dds_sample(y, op, prior, *, n_steps: int = 100, cg_iters: int = 10, sigma_ma
         damp = (sigma_y / max(s, 1e-3)) ** 2 if sigma_y > 0 else 0.0
         last = s_next == 0
         n_cg = final_cg_iters if last and final_cg_iters is not None else cg_iters
-        x0 = cgls_data_step(op, y, x0_prior, n_iter=n_cg, damp=damp)
+        if z_step is None:
+            x0 = cgls_data_step(op, y, x0_prior, n_iter=n_cg, damp=damp)
+        else:
+            x0 = z_step(x0_prior, n_iter=n_cg, damp=damp)
         if clip is not None:
             x0 = x0.clamp(*clip)
         if s_next > 0:

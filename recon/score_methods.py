@@ -25,6 +25,8 @@ metadata, in :mod:`recon.methods`.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from forward_models import operator_kind
@@ -93,11 +95,20 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
     return x.clamp(0, 1)
 
 
+#: default ``z_weight`` of ``score-fast`` (TUNED below)
+SCORE_FAST_Z_WEIGHT = 0.0
+
+
 def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int | None = None,
                final_cg_iters: int | None = None, sigma_max: float | None = None, eta: float | None = None,
                sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None,
-               pixel_mm: float | None = None, prior_scale: float | None = None):
-    """Fast solver: Tweedie + CG + re-noising (DDS-style), n_steps network evaluations."""
+               pixel_mm: float | None = None, prior_scale: float | None = None,
+               z_weight: float = SCORE_FAST_Z_WEIGHT, admm_iters: int = 1):
+    """Fast solver: Tweedie + CG + re-noising (DDS-style), n_steps network evaluations.
+
+    ``z_weight > 0``: the batch is a volume (consecutive slices in order) and the
+    data step adds TV along z with that (relative) weight, by ``admm_iters`` ADMM
+    iterations per level (:class:`recon.samplers.ZTVDataStep`); 0 = independent slices."""
     _check_2d(op)
     p = _prior(prior, y.device, op, pixel_mm, prior_scale)
     d = {"n_steps": 100, "cg_iters": 10, "final_cg_iters": None, "sigma_max": 3.0, "eta": 1.0,
@@ -108,12 +119,13 @@ def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int |
             d[k] = v
     d = check_options("score-fast", **d)
     sigma_y = check_options("score-fast", sigma_y=sigma_y)["sigma_y"]
+    z = check_options("score-fast", z_weight=z_weight, admm_iters=admm_iters)
     with torch.no_grad():
         return dds_sample(y, op, p, n_steps=int(d["n_steps"]), cg_iters=int(d["cg_iters"]),
                           final_cg_iters=None if d["final_cg_iters"] is None else int(d["final_cg_iters"]),
                           sigma_max=float(d["sigma_max"]) * p.sigma_scale, sigma_min=0.002 * p.sigma_scale,
                           eta=float(d["eta"]), sigma_y=sigma_y, generator=_generator(y, seed, generator),
-                          callback=callback)
+                          callback=callback, z_weight=float(z["z_weight"]), admm_iters=int(z["admm_iters"]))
 
 
 def dps(y, op, *, prior=None, n_steps: int | None = None, zeta: float | None = None, sigma_max: float | None = None,
@@ -133,11 +145,40 @@ def dps(y, op, *, prior=None, n_steps: int | None = None, zeta: float | None = N
     return x.clamp(0, 1)
 
 
+def _z_weight(method, options) -> float:
+    """The ``z_weight`` a call of ``method`` with ``options`` uses (0 when it has none)."""
+    if "z_weight" in options:
+        w = options["z_weight"]
+    else:
+        fn = getattr(method, "fn", method)
+        try:
+            param = inspect.signature(fn).parameters.get("z_weight")
+        except (TypeError, ValueError):
+            param = None
+        w = None if param is None or param.default is param.empty else param.default
+    try:
+        return float(w or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 def sample_posterior(method, y, op, k: int, **options):
-    """Draw ``k`` reconstructions (one batch) and return (mean, per-pixel std), each (B, H, W)."""
+    """Draw ``k`` reconstructions (one batch) and return (mean, per-pixel std), each (B, H, W).
+
+    A method that couples slices (``z_weight`` > 0) on a volume (B > 1) cannot take
+    the k samples as one batch (the batch axis is z): it is run k times on the
+    volume, drawing from one generator (``generator``, else seeded by ``seed``)."""
     if k < 1:
         raise ReconError(f"--samples must be at least 1, got {k}")
     b = y.shape[0]
+    if k > 1 and b > 1 and _z_weight(method, options) > 0:
+        opts = dict(options)
+        seed = opts.pop("seed", 0)
+        if opts.get("generator") is None:
+            opts["generator"] = torch.Generator(device=y.device).manual_seed(int(seed))
+        xs = [method(y, op, **opts) for _ in range(k)]
+        x = torch.stack([v.abs() if v.is_complex() else v for v in xs], 1)
+        return x.mean(1), x.std(1)
     yk = y.repeat_interleave(k, dim=0)
     x = method(yk, op, **options)
     x = x.reshape(b, k, *x.shape[1:])

@@ -102,7 +102,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
                 log(geometry_note)
             timings["load"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            op = acq.operator(truth.size, device, seed=settings.seed)
+            op = acq.operator(truth.shape, device, seed=settings.seed)
             timings["operator"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             meas = task.simulate(truth, acq, device, seed=settings.seed, op=op)

@@ -29,7 +29,8 @@ Intensity conventions
   CT physics).  ``--units hu|intensity`` overrides the guess.
 * MRI: magnitude divided by its maximum.
 * Inpainting: the CT window for DICOM CT input, else divided by the maximum.
-* Images are centre-cropped to a square and resized (anti-aliased) to ``S``.
+* MRI and inpainting keep the input's matrix, square or not; CT takes the largest centred
+  square.  ``--size S`` takes the centred square and resizes it (anti-aliased) to ``S`` x ``S``.
 
 Noise: CT ``--photons I0`` simulates photon counts on physical line integrals
 (:class:`forward_models.physics.LowDoseCT`; the pixel size comes from
@@ -113,36 +114,49 @@ class Task:
     def default_prior(self, source: Source | None, mode: str = "auto") -> str:
         raise NotImplementedError
 
+    #: without --size, keep the input's own matrix, square or not (MRI, inpainting); False: the
+    #: largest centred square (CT: the operators reconstruct a square image)
+    native_shape = False
+
     def prepare(self, source: Source, size: int | None, window=None, units: str = "auto",
                 fov_mm: float | None = None) -> Truth:
-        """Normalise ``source`` (one slice or a stack) to [0, 1] and resize to ``size``
-        (None: native square crop)."""
+        """Normalise ``source`` (one slice or a stack) to [0, 1]; with ``size`` take the centred
+        square and resize it to ``size`` x ``size``; without, keep the native matrix
+        (:attr:`native_shape`) or its centred square."""
         stack = source.image if source.image.ndim == 3 else source.image[None]
         h, w = stack.shape[-2:]
-        m = min(h, w)
-        top, left = (h - m) // 2, (w - m) // 2
+        if size is None and self.native_shape:
+            top, left, rows, cols = 0, 0, h, w
+
+            def fit(img):
+                return np.ascontiguousarray(img, dtype=np.float32)
+        else:
+            m = min(h, w)
+            top, left, rows, cols = (h - m) // 2, (w - m) // 2, m, m
+
+            def fit(img):
+                return square_resize(img, size)
         kind = self.units_for(source, units)
         if kind == "HU":
             win = tuple(float(v) for v in (window or CT_WINDOW))
-            x = np.stack([hu_to_unit(square_resize(img, size), win, full_range=True) for img in stack])
+            x = np.stack([hu_to_unit(fit(img), win, full_range=True) for img in stack])
             scale = 1.0
         else:
             scale = float(np.abs(stack).max())
             if scale <= 0:
                 raise ReconError(f"{source.path}: the image is all zero; nothing to reconstruct")
-            x = np.stack([np.clip(square_resize(np.abs(img) / scale, size), 0, 1).astype(np.float32)
-                          for img in stack])
+            x = np.stack([np.clip(fit(np.abs(img) / scale), 0, 1).astype(np.float32) for img in stack])
             win = window or CT_WINDOW  # intensities read as windowed HU for CT physics
         x = x if source.image.ndim == 3 else x[0]
-        S = x.shape[-1]
-        pixel_mm = float(fov_mm) / S if fov_mm is not None else (source.dx or 1.0) * m / S
-        return Truth(x=x, source=source, units=kind, scale=scale, window=win, crop=(top, left, m),
+        W = x.shape[-1]
+        pixel_mm = float(fov_mm) / W if fov_mm is not None else (source.dx or 1.0) * cols / W
+        return Truth(x=x, source=source, units=kind, scale=scale, window=win, crop=(top, left, rows, cols),
                      pixel_mm=pixel_mm)
 
     # -- measurements ------------------------------------------------------------
     def simulate(self, truth: Truth, acq, device, seed: int = 0, op=None) -> Measurement:
         """``y = noise(A x)`` for the ground truth, seeded by ``seed`` (``op``: reuse an operator)."""
-        op = op if op is not None else acq.operator(truth.size, device, seed=seed)
+        op = op if op is not None else acq.operator(truth.shape, device, seed=seed)
         gen = torch.Generator(device=device).manual_seed(seed)
         meas = Physics(op, acq.noise_model(truth.window, truth.pixel_mm)).simulate(truth.batch(device), gen)
         self._annotate(meas)
@@ -238,7 +252,7 @@ class CTTask(Task):
         return "ct"
 
     def acquisition_for(self, acq, truth):
-        return acq.with_scanner_geometry(truth.source, truth.crop[2])
+        return acq.with_scanner_geometry(truth.source, truth.crop[3])
 
     def extra_metrics(self, img, truth):
         if truth is None or truth.units != "HU":
@@ -440,6 +454,7 @@ class MRITask(Task):
     acquisition_type = MRIAcquisition
     measured_units = "k-space scale"
     dicom_modality = "MR"
+    native_shape = True
     # tuned on brain_tumor_progression_t1c slices 5 and 15 at 128 px, 4x equispaced (noisy: --noise 0.02)
     method_defaults = {
         "tv": {"lam": 1e-2, "n_iter": 1000},
@@ -672,6 +687,7 @@ class InpaintTask(Task):
     name = "inpaint"
     description = "image inpainting (missing box, random pixels or brush strokes)"
     acquisition_type = InpaintAcquisition
+    native_shape = True
     # tuned on totalseg_example_j2k slices 5 and 15 at 128 px, central box of 25 % area
     method_defaults = {
         "tv": {"lam": 2e-2, "n_iter": 1000, "clip": (0.0, None)},

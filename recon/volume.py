@@ -234,7 +234,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             log(geometry_note)
         timings["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        op = acq.operator(truth.size, device, seed=settings.seed)
+        op = acq.operator(truth.shape, device, seed=settings.seed)
         timings["operator"] = time.perf_counter() - t0
         pixel_mm = known_pixel_mm(truth, acq, size)
         parts = PartStore(folder.path, fp)
@@ -326,7 +326,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         values = np.stack(values)
         shown = np.stack(shown)
         written = write_image_outputs(stage, values, truth, run.name, method_settings)
-        affine = (slice_affine(source.reference, a, truth.crop, truth.size) if source.reference is not None
+        affine = (slice_affine(source.reference, a, truth.crop, truth.shape) if source.reference is not None
                   and getattr(source.reference, "affine", None) is not None
                   else np.diag([truth.pixel_mm, truth.pixel_mm, 1.0, 1.0]))
         if "recon.nii.gz" not in written:
