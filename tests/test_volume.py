@@ -274,3 +274,24 @@ def test_fan_beam_without_tags_uses_the_documented_defaults(tmp_path):
     assert _run(tmp_path / "s", "--views", 30, "--geometry", "fan", "--method", "fbp", "--out", tmp_path / "a") == 0
     rec = json.loads((tmp_path / "a" / "run.json").read_text())
     assert rec["options"]["source_distance"] is None and "default distances" in rec["geometry"]
+
+
+# -- the input's own matrix: nothing cropped --------------------------------------------------------------
+@pytest.mark.parametrize("task,extra", [("mri", ["--mask", "equispaced", "--accel", "4", "--method", "zero-filled"]),
+                                        ("inpaint", ["--mask", "box", "--method", "biharmonic"])])
+def test_non_square_inputs_keep_their_matrix(tmp_path, task, extra):
+    rng = np.random.default_rng(0)
+    data = np.abs(rng.normal(100, 10, (2, 40, 28))).astype(np.float32)  # 2 slices of 40 x 28
+    affine = np.diag([0.9, 0.8, 4.0, 1.0])
+    nib.save(nib.Nifti1Image(np.transpose(data, (2, 1, 0)), affine), tmp_path / "v.nii.gz")
+    out = tmp_path / "o"
+    assert main([task, str(tmp_path / "v.nii.gz"), *extra, "--out", str(out), "--quiet"]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["working_size"] == [40, 28] and rec["crop"] == [0, 0, 40, 28]
+    nii = nib.load(out / "recon.nii.gz")
+    assert nii.shape == (28, 40, 2)
+    np.testing.assert_allclose(nii.affine, affine, atol=1e-6)
+    # --size still gives the centred square, resized
+    assert main([task, str(tmp_path / "v.nii.gz"), *extra, "--size", "16", "--slice", "0", "--out",
+                 str(tmp_path / "s"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["working_size"] == [16, 16]
