@@ -578,3 +578,19 @@ def test_samples_write_a_calibrated_std_when_the_prior_has_a_calibration(phantom
     assert rc == 0
     assert np.allclose(np.load(out / "std_calibrated.npy"), 2.5 * np.load(out / "std.npy"))
     assert json.loads((out / "run.json").read_text())["std_calibration"]["scale"] == 2.5
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
+    """Spinning OpenMP threads fight other processes on a shared node (README "Busy machines")."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from recon.cli import main; main(['methods']); "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules, file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "PASSIVE True"
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "ACTIVE True"
