@@ -42,7 +42,7 @@ def parse_method_spec(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     if not name.strip():
         raise ReconError(f"--methods: empty method name in {text!r}")
-    return name.strip(), parse_params([p for p in rest.split(";") if p.strip()])
+    return name.strip(), parse_params([p for p in rest.split(";") if p.strip()]).get(None, {})
 
 
 def clinical_window_for(body_part: str | None) -> list[str]:
@@ -100,9 +100,8 @@ def bench_volumes(data: str, series: list[str] | None, views: list[int], methods
                   size: int | None = 128, slices: str | None = None, batch: int = 4, prior: str | None = None,
                   photons: float | None = None, seed: int = 0, log=print) -> dict:
     from recon.acquisition import CTAcquisition
-    from recon.execute import RunSettings
+    from recon.execute import RunSettings, run_fingerprint
     from recon.io import read_input
-    from recon.metrics import CLINICAL_WINDOWS
     from recon.outputs import write_json, write_text
     from recon.single import Inputs
     from recon.tasks import TASKS
@@ -125,12 +124,15 @@ def bench_volumes(data: str, series: list[str] | None, views: list[int], methods
             acq = CTAcquisition(views=v, photons=photons)
             planes = {}
             for label, name, params in specs:
-                settings = RunSettings(methods=[name], params=params, param_text=[f"{k}={v}" for k, v in params.items()],
+                settings = RunSettings(methods=[name], params={None: params} if params else {}, param_text=[f"{k}={v}" for k, v in params.items()],
                                        prior=prior, size=size, seed=seed, progress=False)
                 case_out = out / path.name / f"{v}v" / label.replace(":", "_").replace(";", "_").replace("=", "")
                 t0 = time.perf_counter()
-                rec = reconstruct_volume(task, acq, settings, Inputs(path=str(path), slices=f"{a}:{b}", batch=batch),
-                                         case_out, log=lambda m: None, slices=(a, b), batch=batch, volume=vol)
+                inputs = Inputs(path=str(path), slices=f"{a}:{b}", batch=batch)
+                rec = _finished(case_out, run_fingerprint(task, acq, settings, inputs))
+                if rec is None:  # (a finished method is not rerun; an interrupted one resumes its slices)
+                    rec = reconstruct_volume(task, acq, settings, inputs, case_out, log=lambda m: None,
+                                             slices=(a, b), batch=batch, volume=vol)
                 m = rec["metrics"]
                 row = {"series": path.name, "views": v, "method": label, "slices": b - a,
                        "size": rec["working_size"][0], "psnr": m["psnr"], "ssim": m["ssim"],
@@ -147,6 +149,14 @@ def bench_volumes(data: str, series: list[str] | None, views: list[int], methods
     write_json(out / "volumes.json", results)
     write_text(out / "volumes.md", _markdown(results))
     return {"rows": results}
+
+
+def _finished(folder: Path, fp: str) -> dict | None:
+    try:
+        rec = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if rec.get("fingerprint") == fp else None
 
 
 def _write_figure(path, views, planes, window_name, task, size, a, b, out):

@@ -594,10 +594,11 @@ def add_mri(sub):
     _input_options(p, required=False)
     g = p.add_argument_group("measured k-space")
     g.add_argument("--kspace", default=None, metavar="FILE",
-                   help="k-space instead of INPUT: fastMRI .h5, BART .cfl/.hdr, complex .npy; multi-coil "
+                   help="k-space instead of INPUT: fastMRI or ISMRMRD .h5, Siemens raw .dat (extra "
+                        "[siemens]), BART .cfl/.hdr, complex .npy; multi-coil "
                         "-> SENSE with coil maps from the calibration region; already undersampled data "
                         "keeps its sampling pattern (then --mask/--accel are optional)")
-    g.add_argument("--dataset", default=None, metavar="NAME", help=".h5 k-space dataset (default kspace)")
+    g.add_argument("--dataset", default=None, metavar="NAME", help=".h5 k-space dataset (fastMRI, default kspace) or ISMRMRD group (default dataset)")
     g.add_argument("--from-image", action="store_true",
                    help="--kspace FILE is a complex image; its centred FFT is the k-space")
     g.add_argument("--calib", type=_positive_int, default=None, metavar="N",

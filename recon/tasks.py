@@ -435,7 +435,7 @@ def _refuse_image_as_kspace(k: np.ndarray, path) -> None:
 
 def _is_kspace_file(entry: str) -> bool:
     low = entry.lower()
-    if low.endswith((".h5", ".hdf5", ".cfl", ".hdr")):
+    if low.endswith((".h5", ".hdf5", ".cfl", ".hdr", ".dat")):  # .dat: Siemens raw data
         return True
     if low.endswith(".npy"):
         from recon.io.images import npy_shape

@@ -295,3 +295,20 @@ def test_non_square_inputs_keep_their_matrix(tmp_path, task, extra):
     assert main([task, str(tmp_path / "v.nii.gz"), *extra, "--size", "16", "--slice", "0", "--out",
                  str(tmp_path / "s"), "--quiet"]) == 0
     assert json.loads((tmp_path / "s" / "run.json").read_text())["working_size"] == [16, 16]
+
+
+def test_bench_volumes_tables_figure_and_reuse(tmp_path):
+    from recon.bench_volumes import bench_volumes, parse_method_spec
+
+    assert parse_method_spec("score-fast:z_weight=0.05;n_steps=50") == ("score-fast", {"z_weight": 0.05, "n_steps": 50})
+    write_series(tmp_path / "s", 8, size=24)
+    out = tmp_path / "b"
+    res = bench_volumes(str(tmp_path), [str(tmp_path / "s")], [12], ["fbp", "tv:n_iter=20"], out, size=None,
+                        log=lambda m: None)
+    rows = res["rows"]
+    assert [r["method"] for r in rows] == ["fbp", "tv:n_iter=20"] and all(r["slices"] == 8 for r in rows)
+    assert all(r["ssim_coronal"] is not None and r["rmse_hu"] > 0 for r in rows)
+    assert (out / "s-12v.png").is_file() and "| fbp |" in (out / "volumes.md").read_text()
+    stamp = (out / "s" / "12v" / "fbp" / "run.json").stat().st_mtime_ns
+    bench_volumes(str(tmp_path), [str(tmp_path / "s")], [12], ["fbp"], out, size=None, log=lambda m: None)
+    assert (out / "s" / "12v" / "fbp" / "run.json").stat().st_mtime_ns == stamp, "finished methods are reused"

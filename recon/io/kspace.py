@@ -738,10 +738,10 @@ def _ismrmrd_assemble(path: Path, group: str, ds, h: dict[str, np.ndarray], head
     candidates &= np.isin(h["slice"], slices_present)  # calibration lines of slices without imaging
     # rows / partitions / columns
     c1 = limits["kspace_encoding_step_1"]
-    c1 = H // 2 if c1 is None or not 0 <= c1 < H else c1
+    c1 = H // 2 if c1 is None or not 0 < c1 < H else c1  # 0 / absent: unset by the writer
     Hp, off1 = _centre_pad(H, c1)
     c2 = limits["kspace_encoding_step_2"]
-    c2 = Z // 2 if c2 is None or not 0 <= c2 < Z else c2
+    c2 = Z // 2 if c2 is None or not 0 < c2 < Z else c2
     Zp, off2 = _centre_pad(Z, c2)
     if Hp != H or off1:
         notes.append(f"ky centre {c1} of {H} moved to row {Hp // 2} of {Hp}")
@@ -1074,7 +1074,7 @@ def _twix_assemble(path: Path, measurements: list, slice_index: int | None, cali
     if remove_oversampling:
         centre_col //= 2
     n_lin = max(L, int(lines_hdr)) if isinstance(lines_hdr, (int, float)) and 0 < lines_hdr <= 65536 else L
-    if not 0 <= centre_lin < n_lin:
+    if not 0 < centre_lin < n_lin:  # 0: unset
         centre_lin = n_lin // 2
     H, off_l = _centre_pad(n_lin, centre_lin)
     W, off_c = _centre_pad(N, centre_col)

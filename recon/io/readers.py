@@ -34,7 +34,7 @@ SUFFIX_FORMATS: dict[str, str] = {
 SUPPORTED_FORMATS = ("DICOM file or folder (any or no extension)", ".nii", ".nii.gz",
                      *IMAGE_SUFFIXES, ".npy")
 
-_KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr")
+_KSPACE_SUFFIXES = (".h5", ".hdf5", ".cfl", ".hdr", ".dat")
 
 
 def input_format(path: str | os.PathLike) -> str | None:
