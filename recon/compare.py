@@ -174,6 +174,10 @@ def run_compare(task, acq, settings: RunSettings, out, log: Callable[[str], None
     out = Path(out)
     data_roots = [Path(data)] if data else []
     entries = select_shard(read_manifest(manifest), shard_) if manifest else []
+    for _, e in entries:
+        if " --slices " in e:
+            raise ReconError(f"{manifest}: a line's own --slices range ({e}) is for recon ct/mri; recon compare "
+                             "takes --slices middle|all|every:K for every line")
     folder = OutputFolder(out, reserved=("metrics.csv", "summary.md", "figures", "cases"),
                           inputs=[e for _, e in entries],
                           contain_forbidden=[r for r in data_roots + [Path(e) for _, e in entries] if r.is_dir()],

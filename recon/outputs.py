@@ -308,9 +308,19 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+def split_manifest_line(entry: str) -> tuple[str, str | None]:
+    """``'study/ --slices 10:20'`` -> ``('study/', '10:20')``: a manifest line may end with its own
+    slice range (``recon ct|mri``); ``(entry, None)`` otherwise."""
+    head, sep, spec = entry.rpartition(" --slices ")
+    if sep and spec.strip() and " " not in spec.strip():
+        return head.strip(), spec.strip()
+    return entry, None
+
+
 def read_manifest(path) -> list[tuple[int, str]]:
     """``(index, entry)`` per non-empty, non-comment line; relative paths are taken
-    relative to the manifest's folder when they exist there, else to the working directory."""
+    relative to the manifest's folder when they exist there, else to the working directory.
+    A line may end with ``--slices a:b`` (its own slice range, :func:`split_manifest_line`)."""
     p = Path(path)
     if not p.is_file():
         raise ReconError(f"{p}: no such manifest file")
@@ -323,10 +333,11 @@ def read_manifest(path) -> list[tuple[int, str]]:
         s = line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
         if not s:
             continue
+        s, slices = split_manifest_line(s)
         q = Path(s).expanduser()
         if not q.is_absolute() and (p.parent / q).exists():
             q = p.parent / q
-        entries.append(str(q))
+        entries.append(str(q) + (f" --slices {slices}" if slices else ""))
     if not entries:
         raise ReconError(f"{p}: the manifest lists no inputs (one path per line, # for comments)")
     return list(enumerate(entries))
@@ -342,6 +353,9 @@ _STEM_SUFFIXES = (".nii.gz", ".nii", ".npy", ".png", ".jpg", ".jpeg", ".tif", ".
 
 
 def entry_name(index: int, entry: str) -> str:
+    entry, slices = split_manifest_line(entry)
+    if slices:
+        return entry_name(index, entry) + "_slices-" + safe_name(slices.replace(":", "-"), 20)
     name = Path(entry.rstrip("/")).name
     low = name.lower()
     for s in _STEM_SUFFIXES:

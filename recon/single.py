@@ -27,7 +27,8 @@ from recon.execute import (PriorCache, RunSettings, check_memory, known_pixel_mm
                            plan_methods, protected_inputs, run_fingerprint, run_method, std_calibration, warn,
                            working_window_and_size)
 from recon.io._util import short
-from recon.outputs import (EXTRA_METRIC_COLUMNS, OutputFolder, entry_name, metrics_csv_text, parse_shard, read_manifest,
+from recon.outputs import (EXTRA_METRIC_COLUMNS, OutputFolder, entry_name, fingerprint, metrics_csv_text, parse_shard,
+                           read_manifest, split_manifest_line,
                            select_shard, versions, write_json, write_text)
 
 __all__ = ["Inputs", "reconstruct", "reconstruct_any", "run_single", "SINGLE_OUTPUTS"]
@@ -254,13 +255,20 @@ def _run_manifest(task, acq, settings, inputs, out, log, manifest, shard_text) -
     if inputs.path or acq.measured:
         raise ReconError("--manifest replaces the INPUT argument; give one or the other")
     out = Path(out)
-    folder = OutputFolder(out, inputs=[e for _, e in entries], reserved=[entry_name(i, e) for i, e in entries],
-                          staged=False)
+    folder = OutputFolder(out, inputs=[split_manifest_line(e)[0] for _, e in entries],
+                          reserved=[entry_name(i, e) for i, e in entries], staged=False)
     folder.prepare()
-    fp = run_fingerprint(task, acq, settings, inputs)
+    base_fp = run_fingerprint(task, acq, settings, inputs)
+
+    def line_fp(entry):  # a line with its own --slices range has its own fingerprint
+        slices = split_manifest_line(entry)[1]
+        return base_fp if slices is None else fingerprint({"base": base_fp, "slices": slices})
+
+    fps = {line_fp(e) for _, e in read_manifest(manifest)}  # every shard's lines, for the table
     done, skipped, failed = [], [], []
     for index, entry in entries:
         name = entry_name(index, entry)
+        fp = line_fp(entry)
         case_out = out / name
         marker = case_out / "run.json"
         if not settings.force and marker.is_file():
@@ -271,7 +279,10 @@ def _run_manifest(task, acq, settings, inputs, out, log, manifest, shard_text) -
                     continue
             except (OSError, ValueError):
                 pass
-        case_acq, case_inputs = task.manifest_entry(acq, inputs, entry)
+        path, slices = split_manifest_line(entry)
+        case_acq, case_inputs = task.manifest_entry(acq, inputs, path)
+        if slices is not None:
+            case_inputs = replace(case_inputs, slices=slices)
         try:
             reconstruct_any(task, case_acq, settings, case_inputs, case_out, log, fp=fp, label=f"{name} ({entry})")
             done.append(name)
@@ -288,7 +299,7 @@ def _run_manifest(task, acq, settings, inputs, out, log, manifest, shard_text) -
             rec = json.loads(run_json.read_text())
         except (OSError, ValueError):
             continue
-        if rec.get("fingerprint") != fp or not rec.get("metrics"):
+        if rec.get("fingerprint") not in fps or not rec.get("metrics"):
             continue
         m = rec["metrics"]
         rows.append({"case": run_json.parent.name, "method": rec["method"]["name"], "psnr": m["psnr"],

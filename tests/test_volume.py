@@ -312,3 +312,19 @@ def test_bench_volumes_tables_figure_and_reuse(tmp_path):
     stamp = (out / "s" / "12v" / "fbp" / "run.json").stat().st_mtime_ns
     bench_volumes(str(tmp_path), [str(tmp_path / "s")], [12], ["fbp"], out, size=None, log=lambda m: None)
     assert (out / "s" / "12v" / "fbp" / "run.json").stat().st_mtime_ns == stamp, "finished methods are reused"
+
+
+def test_manifest_per_study_and_per_slice_range(tmp_path):
+    write_series(tmp_path / "a", 3)
+    write_series(tmp_path / "b", 4)
+    (tmp_path / "m.txt").write_text("a\nb --slices 1:3  # only two slices of b\n")
+    out = tmp_path / "out"
+    argv = ["--manifest", tmp_path / "m.txt", "--views", 20, "--method", "fbp", "--out", out]
+    assert _run(*argv) == 0
+    recs = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/run.json")}
+    assert set(recs) == {"0000_a", "0001_b_slices-1-3"}
+    assert recs["0000_a"]["slices"]["count"] == 3 and recs["0001_b_slices-1-3"]["slices"]["count"] == 2
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3
+    assert _run(*argv) == 0  # everything done: both skipped
+    shard = json.loads((out / "shard-0-of-1.json").read_text())
+    assert shard["skipped"] == ["0000_a", "0001_b_slices-1-3"] and shard["done"] == []
