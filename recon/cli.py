@@ -303,6 +303,9 @@ def add_bench(sub):
     p.add_argument("--batch-slices", type=_positive_int, default=4, help="volumes: slices per method call")
     p.add_argument("--prior", default=None, help="volumes: score prior (default ct)")
     p.add_argument("--photons", type=_positive_float, default=None, help="volumes: Poisson noise I0 (default none)")
+    p.add_argument("--volume-task", choices=["ct", "mri"], default="ct",
+                   help="volumes: ct (levels = --views) or mri (levels = accelerations, --views 4,8 means 4x, 8x; "
+                        "equispaced lines)")
     p.add_argument("--n", type=_positive_int, default=1000, help="fuzz: inputs per reader (default 1000)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="fuzz: seed of the mutations (default 0)")
     p.add_argument("--readers", default=None, metavar="R1,R2,...",
@@ -327,10 +330,11 @@ def run_bench(args):
     if args.what == "volumes":
         from recon.bench_volumes import bench_volumes
 
-        bench_volumes(args.data, args.series, [int(v) for v in (args.views or "8,23").split(",")],
+        default_levels = "8,23" if args.volume_task == "ct" else "4,8"
+        bench_volumes(args.data, args.series, [int(v) for v in (args.views or default_levels).split(",")],
                       [m for m in args.methods.split(",") if m], args.out or "bench_volumes", size=args.size,
                       slices=args.slices, batch=args.batch_slices, prior=args.prior, photons=args.photons,
-                      log=lambda m: print(m, file=sys.stderr))
+                      log=lambda m: print(m, file=sys.stderr), task_name=args.volume_task)
         return 0
     if args.what == "fuzz":
         from recon.fuzz import fuzz_readers
