@@ -519,8 +519,15 @@ def tv(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: int = 500
     return x
 
 
-#: default ``z_weight`` of :func:`tv3d` (TUNED below; see the comment at tv3d)
-TV3D_Z_WEIGHT = 1.0
+#: default ``z_weight`` of :func:`tv3d`.  Tuned on the tuning volume only
+#: (ct/val/totalseg_example_j2k, slices 0-9 of 20, abdomen, 2 mm slice spacing, resized to
+#: 128 x 128 px = 3.9 mm pixels), noise-free parallel-beam CT with the CT task's tv settings
+#: (lam 1e-7, clip at 0/1); volume PSNR in dB for z_weight 0 / 0.5 / 1 / 2 / 4 / 8 / 16:
+#: 23 views, 2000 iterations: 35.09 / 35.22 / 35.36 / 35.56 / 35.78 / 35.92 / 35.93;
+#: 8 views, 5000 iterations: 23.78 / - / - / 23.79 / 23.86 / 23.90 / 23.90.
+#: 8 is where the gain levels off.  Every slice sees the same view angles, so 3-D TV cannot
+#: fill what all slices miss alike: the gain is modest (+0.8 dB at 23 views, +0.1 dB at 8).
+TV3D_Z_WEIGHT = 8.0
 
 
 def tv3d(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: int = 500,
