@@ -415,10 +415,10 @@ def tv(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: int = 500
     8 + 4 w^2``) and, since the items are one coupled problem, the adaptive step
     ratio is one for the whole volume (from the volume's residuals) instead of one
     per item.  ``z_weight = 0`` (default) or a single slice runs the 2-D code path
-    unchanged (bit-identical results).  ``z_weight = 1`` is plain isotropic 3-D
-    TV for cubic voxels; for slices thicker than the pixel size a smaller weight
-    (about pixel / slice spacing) is the physical choice.  :func:`tv3d` is this
-    solver with a tuned ``z_weight``.
+    unchanged (bit-identical results).  ``z_weight = pixel size / slice spacing``
+    is the TV of the physical gradient (1 for cubic voxels); larger weights favour
+    volumes that are smooth along z.  :func:`tv3d` is this solver with a tuned
+    ``z_weight`` (:data:`TV3D_Z_WEIGHT`).
     """
     _check_inputs(y, op, "tv")
     if len(op.in_shape) < 2:
@@ -447,7 +447,7 @@ def tv(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: int = 500
     # data dual for F1(z) = 0.5||s z - y||^2 (z = A x / s):
     #   prox_{sigma F1*}(v) = (v - sigma y / s) / (1 + sigma / s^2)
     # TV dual for F2(w) = lam_eff * sqrt(8) ||w||_{2,1} (w = D x / sqrt 8):
-    #   projection onto {|q|_pixel <= lam_eff * sqrt(8)}
+    #   projection onto {|q|_pixel <= lam_eff * sqrt(8)}  (sqrt(8 + 4 w^2) with z)
     radius = lam_eff * r8
     xdt = _image_dtype(y, op)
     rdt = _real_dtype(y)
@@ -540,7 +540,9 @@ def tv3d(y: torch.Tensor, op: LinearOperator, lam: float = 1e-3, n_iter: int = 5
     The batch items are the slices of one volume in order along z (uniform
     spacing); the regulariser is isotropic 3-D TV with the z difference scaled by
     ``z_weight`` (see :func:`tv`).  The baseline that matches the score methods'
-    ``z_weight`` option (issue #11).  With one slice it equals ``tv``.
+    ``z_weight`` option (issue #11).  With one slice it equals ``tv``.  From the
+    command line it takes the task's tuned ``tv`` settings (``lam``, ``n_iter``,
+    ``clip``).
     """
     return tv(y, op, lam=lam, n_iter=n_iter, nonneg=nonneg, x0=x0, tol=tol, clip=clip, relative=relative,
               op_norm=op_norm, step_ratio=step_ratio, adaptive=adaptive, z_weight=z_weight, callback=callback)

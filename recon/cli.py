@@ -296,7 +296,7 @@ def add_bench(sub):
     p.add_argument("--views", default=None, help="operators: view counts (default 23,90,180); volumes: (default 8,23)")
     p.add_argument("--series", action="append", default=None, metavar="PATH",
                    help="volumes: a CT series (repeatable; default ct/val/ge_head and ct/val/lung_pet_ct_dx in --data)")
-    p.add_argument("--methods", default="fbp,tv,tv3d,score-fast,score-fast:z_weight=0.05",
+    p.add_argument("--methods", default="fbp,tv,tv3d,score-fast:z_weight=0,score-fast",
                    help="volumes: methods, NAME or NAME:key=value;key=value (recon.bench_volumes)")
     p.add_argument("--size", type=_positive_int, default=128, help="volumes: working size (default 128)")
     p.add_argument("--slices", default=None, metavar="a:b", help="volumes: slice range (default all)")

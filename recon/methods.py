@@ -23,7 +23,7 @@ Built-in names::
     'cs-wavelet'    MRI only
     'biharmonic'    inpainting only
     'score'         operators with decompose() (CT, MRI, inpainting); needs a prior
-    'score-fast'    any operator; needs a prior
+    'score-fast'    any operator; needs a prior; couples a batch of consecutive slices (z_weight)
     'dps'           any operator; needs a prior
 
 Add more with :func:`register` (usable as a decorator)::

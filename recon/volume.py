@@ -6,9 +6,10 @@ slices are read once as float32, brought to the working scale, and
 reconstructed ``--batch-slices B`` at a time (one method call per batch, the
 slices along the batch axis).  Memory stays bounded by the batch, not the study.
 
-* **Slice consistency.**  A method whose ``z_weight`` is positive (``tv3d``;
-  ``tv`` and ``score-fast`` with ``--param z_weight=W``) couples neighbouring
-  slices.  Each batch is then extended by :data:`HALO` slices on both sides
+* **Slice consistency.**  A method whose ``z_weight`` is positive couples
+  neighbouring slices: ``score-fast`` by default (TV along z in its data step,
+  ``--param z_weight=0`` for independent slices), ``tv3d`` (3-D TV), and ``tv``
+  with ``--param z_weight=W``.  Each batch is then extended by :data:`HALO` slices on both sides
   (reconstructed and thrown away), so batch borders do not show as seams.
 * **Seeds.**  The simulated measurement of slice ``k`` (absolute index in the
   input) uses the generator seed :func:`slice_seed` ``(seed, k)``, so a slice's
