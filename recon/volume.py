@@ -201,7 +201,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
     from recon.io.derived import slice_affine, write_image_outputs
     from recon.io.nifti import write_nifti
     from recon.multiscale import for_data
-    from recon.outputs import OutputFolder, versions, write_json, write_text
+    from recon.outputs import OutputFolder, fingerprint, versions, write_json, write_text
 
     t_start = time.perf_counter()
     (run,) = plan_methods(list(settings.methods), task, settings.params, noisy=acq.noisy)
@@ -238,7 +238,9 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         op = acq.operator(truth.shape, device, seed=settings.seed)
         timings["operator"] = time.perf_counter() - t0
         pixel_mm = known_pixel_mm(truth, acq, size)
-        parts = PartStore(folder.path, fp)
+        import recon
+
+        parts = PartStore(folder.path, fingerprint({"run": fp, "recon": recon.__version__}))  # no parts of other code
         plan = plan_batches(a, b, batch, halo)
         reused = sum(parts.done(k) for k in range(a, b))
         if reused:
@@ -270,7 +272,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
                 sino = extra.get("sinogram.npy")
                 for k in range(c0, c1):
                     i = k - e0
-                    parts.save(k, img[i], None if std is None else std[i], seconds * (c1 - c0) / (e1 - e0) / (c1 - c0),
+                    parts.save(k, img[i], None if std is None else std[i], seconds / (c1 - c0),  # halo cost included
                                None if sino is None else meas.y[i].float().cpu().numpy())
                 if bar is not None:
                     bar.update(c1 - c0)
