@@ -381,8 +381,8 @@ def run_method(run: MethodRun, meas, *, prior=None, seed: int = 0, samples: int 
     if run.accepts("seed") and "seed" not in opts and "generator" not in opts:
         opts["seed"] = int(seed)
     check_samples(samples, [run])
-    total = opts.get("n_iter") or opts.get("n_steps") or _signature_default(run.method.fn, "n_iter") \
-        or _signature_default(run.method.fn, "n_steps")
+    total = opts.get("n_iter") or opts.get("n_steps") or _signature_default(run.method, "n_iter") \
+        or _signature_default(run.method, "n_steps")
     recorded = {k: (v if isinstance(v, (int, float, str, bool, type(None), tuple, list))
                     else getattr(v, "meta", {}).get("name", type(v).__name__))
                 for k, v in opts.items()}

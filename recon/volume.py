@@ -51,6 +51,10 @@ __all__ = ["parse_slices", "plan_batches", "slice_seed", "PartStore", "reconstru
 HALO = 2
 #: slices per method call by default
 DEFAULT_BATCH = 4
+#: slice spacing / working pixel size of the volume the default ``z_weight`` values were tuned on
+#: (ct/val/totalseg_example_j2k: 2 mm slices, 500 mm field of view at 128 px); far from it the
+#: default coupling is off scale (measured: thicker slices are over-smoothed, README)
+Z_TUNING_ASPECT = 2.0 / (500.0 / 128)
 #: what a study run writes (older outputs of these names are replaced)
 VOLUME_OUTPUTS = ("recon.nii.gz", "recon.png", "coronal.png", "sagittal.png", "metrics.json", "metrics_slices.csv",
                   "run.json", "sinogram.npy", "std.npy", "std.png", "std.nii.gz", "dicom", "dicom_std")
@@ -137,7 +141,7 @@ def couples_slices(run) -> bool:
     """Whether the planned method couples neighbouring slices (``z_weight`` > 0)."""
     from recon.execute import _signature_default
 
-    w = run.options.get("z_weight", _signature_default(run.method.fn, "z_weight"))
+    w = run.options.get("z_weight", _signature_default(run.method, "z_weight"))
     try:
         return float(w or 0.0) > 0
     except (TypeError, ValueError):
@@ -238,6 +242,13 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         op = acq.operator(truth.shape, device, seed=settings.seed)
         timings["operator"] = time.perf_counter() - t0
         pixel_mm = known_pixel_mm(truth, acq, size)
+        aspect = (float(source.reference.spacing[0]) / truth.pixel_mm
+                  if coupled and source.reference is not None and source.dx else None)
+        if aspect and "z_weight" not in run.options and not (1 / 1.5 <= aspect / Z_TUNING_ASPECT <= 1.5):
+            warn(task, f"{run.name} couples slices with a default z_weight tuned for slices {Z_TUNING_ASPECT:.2f} "
+                       f"working pixels apart; these are {aspect:.2f} apart, so the coupling may over-smooth "
+                       "along z (measured on thicker slices: README 'Whole studies'); set --param z_weight=W, "
+                       "or z_weight=0 for independent slices")
         import recon
 
         parts = PartStore(folder.path, fingerprint({"run": fp, "recon": recon.__version__}))  # no parts of other code
@@ -382,7 +393,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             "prior_scale": prior_scale,
             "out_of_distribution_check": ood,
             "working_size": list(op.in_shape),
-            "slices": {"start": a, "stop": b, "count": n, "batch": batch, "halo": halo,
+            "slices": {"start": a, "stop": b, "count": n, "batch": batch, "halo": halo, "z_aspect": aspect,
                        "resumed": int(reused), "couples_slices": coupled,
                        "seed_rule": "slice k: seed * 1000003 + k (recon.volume.slice_seed)"},
             "window": list(window) if task.uses_window(truth) else None,

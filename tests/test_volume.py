@@ -328,3 +328,27 @@ def test_manifest_per_study_and_per_slice_range(tmp_path):
     assert _run(*argv) == 0  # everything done: both skipped
     shard = json.loads((out / "shard-0-of-1.json").read_text())
     assert shard["skipped"] == ["0000_a", "0001_b_slices-1-3"] and shard["done"] == []
+
+
+def test_default_coupling_warns_far_from_its_tuning_geometry(tmp_path, capsys):
+    write_series(tmp_path / "s", 3, dz=10.0)  # 10 mm slices, 0.8 mm pixels: far thicker than the tuning volume
+    assert _run(tmp_path / "s", "--views", 20, "--method", "tv3d", "--param", "n_iter=5", "--out", tmp_path / "a") == 0
+    assert "over-smooth" in capsys.readouterr().err
+    rec = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert rec["slices"]["z_aspect"] == pytest.approx(10.0 / 0.8) and rec["slices"]["couples_slices"]
+    assert _run(tmp_path / "s", "--views", 20, "--method", "tv3d", "--param", "n_iter=5", "--param", "z_weight=1",
+                "--out", tmp_path / "b") == 0
+    assert "over-smooth" not in capsys.readouterr().err
+
+
+def test_which_methods_couple_slices():
+    from recon.execute import plan_methods
+    from recon.tasks import TASKS
+    from recon.volume import couples_slices
+
+    def coupled(name, **params):
+        (run,) = plan_methods([name], TASKS["ct"], {None: params} if params else {})
+        return couples_slices(run)
+
+    assert coupled("tv3d") and coupled("score-fast") and coupled("tv", z_weight=2.0)
+    assert not coupled("tv") and not coupled("fbp") and not coupled("score-fast", z_weight=0.0)
