@@ -459,3 +459,30 @@ def protected_inputs(acq, inputs) -> list[str]:
     if reference and not str(reference).startswith("full"):  # CT's --reference full[:METHOD] is no file
         paths.append(reference)
     return [p for p in paths if p]
+
+
+def prepare_truth(task, acq, source, size, window, log):
+    """The ground truth on the working scale and the acquisition fitted to it (CT: the scanner's
+    fan-beam geometry), the note about that logged: ``(truth, acq, note)``."""
+    truth = task.prepare(source, size, window, getattr(acq, "units", "auto"), getattr(acq, "fov", None))
+    acq, note = task.acquisition_for(acq, truth)
+    if note:
+        log(note)
+    return truth, acq, note
+
+
+def ood_check(task, prior, image, what: str, warnings: list) -> dict | None:
+    """The out-of-distribution report of ``image`` (``what`` names it) for ``prior``
+    (:mod:`recon.ood`); a warning on stderr, also appended to ``warnings``, when it is out."""
+    if prior is None:
+        return None
+    from recon.ood import report_for_run
+
+    ood = report_for_run(prior, np.clip(image, 0, 1), what)
+    if ood.get("available") and not ood["in_distribution"]:
+        text = (f"the {ood['checked']} is out of distribution for the prior: distance "
+                f"{ood['distance']:.2f} > threshold {ood['threshold']:.2f} ({ood['reference']}); "
+                "the prior may hallucinate or smooth what it has not seen -- compare with a baseline")
+        warn(task, text)
+        warnings.append(text)
+    return ood

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Callable
 
 
-import numpy as np
-
 from recon.errors import ReconError
 from recon.multiscale import for_data
 from recon.execute import (PriorCache, RunSettings, check_memory, known_pixel_mm, check_samples, noise_text,
-                           plan_methods, protected_inputs, run_fingerprint, run_method, std_calibration, warn,
+                           ood_check, plan_methods, prepare_truth, protected_inputs, run_fingerprint, run_method,
+                           std_calibration, warn,
                            working_window_and_size)
 from recon.io._util import short
 from recon.outputs import (EXTRA_METRIC_COLUMNS, OutputFolder, entry_name, fingerprint, metrics_csv_text, parse_shard,
@@ -97,10 +96,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
                                  seed=settings.seed, slice_index=inputs.slice)
             timings["load"] = time.perf_counter() - t0
         else:
-            truth = task.prepare(source, size, window, getattr(acq, "units", "auto"), getattr(acq, "fov", None))
-            acq, geometry_note = task.acquisition_for(acq, truth)
-            if geometry_note:
-                log(geometry_note)
+            truth, acq, geometry_note = prepare_truth(task, acq, source, size, window, log)
             timings["load"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             op = acq.operator(truth.shape, device, seed=settings.seed)
@@ -127,18 +123,9 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
                 warnings.append(text)
             else:
                 log(text)
-        ood = None
-        if prior is not None:  # is the input like the prior's training images? (recon.ood)
-            from recon.ood import report_for_run
-
-            ood = report_for_run(prior, np.clip(truth.x, 0, 1) if truth is not None else img,
-                                 "input image" if truth is not None else "reconstruction (measured data)")
-            if ood.get("available") and not ood["in_distribution"]:
-                text = (f"the {ood['checked']} is out of distribution for the prior: distance "
-                        f"{ood['distance']:.2f} > threshold {ood['threshold']:.2f} ({ood['reference']}); "
-                        "the prior may hallucinate or smooth what it has not seen -- compare with a baseline")
-                warn(task, text)
-                warnings.append(text)
+        # is the input like the prior's training images? (recon.ood)
+        ood = ood_check(task, prior, truth.x if truth is not None else img,
+                        "input image" if truth is not None else "reconstruction (measured data)", warnings)
         timings["reconstruct"] = seconds
         t0 = time.perf_counter()
         metrics = None

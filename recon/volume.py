@@ -198,9 +198,9 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
     returns the run record (also ``run.json``)."""
     from forward_models.physics import Measurement
     from recon.case import load_source
-    from recon.execute import (PriorCache, check_memory, check_samples, known_pixel_mm, noise_text, plan_methods,
-                               progress_bar, protected_inputs, run_fingerprint, run_method, std_calibration, warn,
-                               working_window_and_size)
+    from recon.execute import (PriorCache, check_memory, check_samples, known_pixel_mm, noise_text, ood_check,
+                               plan_methods, prepare_truth, progress_bar, protected_inputs, run_fingerprint,
+                               run_method, std_calibration, warn, working_window_and_size)
     from recon.io import write_npy, write_png
     from recon.io.derived import slice_affine, write_image_outputs
     from recon.io.nifti import write_nifti
@@ -233,10 +233,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         window, size = working_window_and_size(acq, settings.size, prior)
         check_memory(size if size is not None else min(source.image.shape[-2:]), samples=settings.samples,
                      slices=min(n, batch + 2 * halo), native=size is None)
-        truth = task.prepare(source, size, window, getattr(acq, "units", "auto"), getattr(acq, "fov", None))
-        acq, geometry_note = task.acquisition_for(acq, truth)
-        if geometry_note:
-            log(geometry_note)
+        truth, acq, geometry_note = prepare_truth(task, acq, source, size, window, log)
         timings["load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         op = acq.operator(truth.shape, device, seed=settings.seed)
@@ -306,17 +303,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             warn(task, w)
         prior_scale = (for_data(prior, op.in_shape, used.get("pixel_mm"), used.get("prior_scale")).describe()
                        if prior is not None else None)
-        ood = None
-        if prior is not None:
-            from recon.ood import report_for_run
-
-            ood = report_for_run(prior, np.clip(truth.x[n // 2], 0, 1), "input image (middle slice)")
-            if ood.get("available") and not ood["in_distribution"]:
-                text = (f"the {ood['checked']} is out of distribution for the prior: distance "
-                        f"{ood['distance']:.2f} > threshold {ood['threshold']:.2f} ({ood['reference']}); "
-                        "the prior may hallucinate or smooth what it has not seen -- compare with a baseline")
-                warn(task, text)
-                warnings.append(text)
+        ood = ood_check(task, prior, truth.x[n // 2], "input image (middle slice)", warnings)
         t0 = time.perf_counter()
         stub = Measurement(y=torch.zeros(1), op=op, info=meas_info)
         ref = np.stack([np.asarray(task.metric_image(truth.x[i], stub)) for i in range(n)])
