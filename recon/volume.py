@@ -57,7 +57,8 @@ DEFAULT_BATCH = 4
 Z_TUNING_ASPECT = 2.0 / (500.0 / 128)
 #: what a study run writes (older outputs of these names are replaced)
 VOLUME_OUTPUTS = ("recon.nii.gz", "recon.png", "coronal.png", "sagittal.png", "metrics.json", "metrics_slices.csv",
-                  "run.json", "sinogram.npy", "std.npy", "std.png", "std.nii.gz", "dicom", "dicom_std")
+                  "run.json", "sinogram.npy", "std.npy", "std.png", "std.nii.gz", "std_calibrated.npy", "dicom",
+                  "dicom_std")
 
 
 def parse_slices(text: str | None, n: int, path="input") -> tuple[int, int]:
@@ -362,6 +363,9 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
                                            series_description=f"posterior std [{run.name}]")
                 written += [str(Path("dicom_std") / f.name) for f in files]
             std_scale = std_calibration(prior, task.name, run.name)
+            if std_scale is not None:  # the raw std is too narrow: scaled so +-2 std covers 95 % (README)
+                write_npy(std * std_scale["scale"], stage / "std_calibrated.npy")
+                written.append("std_calibrated.npy")
         written += ["metrics.json", "metrics_slices.csv"]
         timings["write"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
