@@ -486,3 +486,27 @@ def ood_check(task, prior, image, what: str, warnings: list) -> dict | None:
         warn(task, text)
         warnings.append(text)
     return ood
+
+
+def record_head(task, settings: RunSettings, input_text: str) -> dict:
+    """The first fields of every ``run.json``: command, argv, versions, seed, device, input."""
+    from recon.outputs import versions
+
+    return {"command": f"recon {task.name}", "argv": list(sys.argv), "versions": versions(),
+            "seed": settings.seed, "device": str(settings.device), "input": input_text}
+
+
+def write_std_maps(stage, std, shown, prior, task, method: str) -> tuple[list[str], dict | None]:
+    """``std.npy`` (the posterior std on the working scale), ``std.png`` (of ``shown``: the
+    image, or one slice of a volume) and, when ``prior`` carries a measured calibration for
+    ``task``/``method``, ``std_calibrated.npy``.  Returns the names written and the calibration."""
+    from recon.io import write_npy, write_png
+
+    write_npy(std, stage / "std.npy")
+    write_png(shown, stage / "std.png", vmin=0.0, vmax=max(float(std.max()), 1e-12))
+    written = ["std.npy", "std.png"]
+    scale = std_calibration(prior, task.name, method)
+    if scale is not None:  # the raw std is too narrow: scaled so +-2 std covers 95 % (README)
+        write_npy(std * scale["scale"], stage / "std_calibrated.npy")
+        written.append("std_calibrated.npy")
+    return written, scale

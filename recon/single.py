@@ -21,14 +21,12 @@ from typing import Callable
 
 from recon.errors import ReconError
 from recon.multiscale import for_data
-from recon.execute import (PriorCache, RunSettings, check_memory, known_pixel_mm, check_samples, noise_text,
-                           ood_check, plan_methods, prepare_truth, protected_inputs, run_fingerprint, run_method,
-                           std_calibration, warn,
-                           working_window_and_size)
+from recon.execute import (PriorCache, RunSettings, check_memory, check_samples, known_pixel_mm, noise_text,
+                           ood_check, plan_methods, prepare_truth, protected_inputs, record_head, run_fingerprint,
+                           run_method, warn, working_window_and_size, write_std_maps)
 from recon.io._util import short
 from recon.outputs import (EXTRA_METRIC_COLUMNS, OutputFolder, entry_name, fingerprint, metrics_csv_text, parse_shard,
-                           read_manifest, split_manifest_line,
-                           select_shard, versions, write_json, write_text)
+                           read_manifest, select_shard, split_manifest_line, write_json, write_text)
 
 __all__ = ["Inputs", "reconstruct", "reconstruct_any", "run_single", "SINGLE_OUTPUTS"]
 
@@ -54,8 +52,9 @@ class Inputs:
 
 
 def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
-                fp: str | None = None, label: str | None = None) -> dict:
-    """Reconstruct one case into ``out`` (staged); returns the run record (also ``run.json``)."""
+                fp: str | None = None, label: str | None = None, volume=None) -> dict:
+    """Reconstruct one case into ``out`` (staged); returns the run record (also ``run.json``).
+    ``volume``: the input already read (:func:`reconstruct_any`), not read again."""
     from recon.case import load_source
     from recon.io import write_npy, write_png
     from recon.io.derived import write_image_outputs
@@ -80,7 +79,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         t0 = time.perf_counter()
         prior, prior_name, source = None, None, None
         if inputs.path:
-            source = load_source(inputs.path, inputs.series, inputs.slice)
+            source = load_source(inputs.path, inputs.series, inputs.slice, volume=volume)
             task.check_source(source, settings.force_modality)
         if run.score:
             prior_name = settings.prior or task.default_prior(source, getattr(acq, "units", "auto"))
@@ -148,24 +147,14 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             written.append(name)
         std_scale = None
         if std is not None:
-            write_npy(std, stage / "std.npy")
-            write_png(std, stage / "std.png", vmin=0.0, vmax=max(float(std.max()), 1e-12))
-            written += ["std.npy", "std.png"]
-            std_scale = std_calibration(prior, task.name, run.name)
-            if std_scale is not None:  # the raw std is too narrow: scaled so +-2 std covers 95 % (README)
-                write_npy(std * std_scale["scale"], stage / "std_calibrated.npy")
-                written.append("std_calibrated.npy")
+            names, std_scale = write_std_maps(stage, std, std, prior, task, run.name)
+            written += names
         if metrics is not None:
             written.append("metrics.json")
         timings["write"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         record = {
-            "command": f"recon {task.name}",
-            "argv": list(sys.argv),
-            "versions": versions(),
-            "seed": settings.seed,
-            "device": str(device),
-            "input": str(inputs.path or measured),
+            **record_head(task, settings, str(inputs.path or measured)),
             "options": {**acq.settings(), **settings.record(), "method": run.name, "series": inputs.series,
                         "slice": inputs.slice},
             "geometry": geometry_note,
@@ -210,10 +199,8 @@ def reconstruct_any(task, acq, settings: RunSettings, inputs: Inputs, out, log: 
         if vol.n_slices > 1 and b - a > 1:
             return reconstruct_volume(task, acq, settings, inputs, out, log, slices=(a, b), batch=inputs.batch,
                                       fp=fp, label=label, volume=vol)
-        inputs = replace(inputs, slice=a)
-    elif inputs.slices is not None and inputs.slice is not None:
-        raise ReconError("give either --slice I (one slice) or --slices a:b, not both")
-    elif inputs.slices is not None and acq.measured:
+        return reconstruct(task, acq, settings, replace(inputs, slice=a), out, log, fp=fp, label=label, volume=vol)
+    if inputs.slices is not None and acq.measured:
         raise ReconError(f"--slices applies to image inputs; measured data ({acq.measured}) are reconstructed "
                          "one slice at a time: choose it with --slice I")
     return reconstruct(task, acq, settings, inputs, out, log, fp=fp, label=label)

@@ -31,9 +31,7 @@ slices along the batch axis).  Memory stays bounded by the batch, not the study.
 """
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -169,7 +167,7 @@ def volume_metrics(x: np.ndarray, ref: np.ndarray) -> dict:
     from recon.metrics import compute_metrics
 
     r = np.clip(np.asarray(x, np.float64), 0, 1)
-    t = np.asarray(ref, np.float64)
+    t = np.clip(np.asarray(ref, np.float64), 0, 1)  # CT truth keeps bone above the window (> 1)
     per = [compute_metrics(r[i], t[i]) for i in range(r.shape[0])]
     mse = float(np.mean((r - t) ** 2))
     return {"psnr": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
@@ -200,13 +198,13 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
     from forward_models.physics import Measurement
     from recon.case import load_source
     from recon.execute import (PriorCache, check_memory, check_samples, known_pixel_mm, noise_text, ood_check,
-                               plan_methods, prepare_truth, progress_bar, protected_inputs, run_fingerprint,
-                               run_method, std_calibration, warn, working_window_and_size)
+                               plan_methods, prepare_truth, progress_bar, protected_inputs, record_head,
+                               run_fingerprint, run_method, warn, working_window_and_size, write_std_maps)
     from recon.io import write_npy, write_png
     from recon.io.derived import slice_affine, write_image_outputs
     from recon.io.nifti import write_nifti
     from recon.multiscale import for_data
-    from recon.outputs import OutputFolder, fingerprint, versions, write_json, write_text
+    from recon.outputs import OutputFolder, fingerprint, write_json, write_text
 
     t_start = time.perf_counter()
     (run,) = plan_methods(list(settings.methods), task, settings.params, noisy=acq.noisy)
@@ -218,8 +216,8 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
     halo = HALO if coupled and n > 1 else 0
     fp = fp or run_fingerprint(task, acq, settings, inputs)  # covers --slices and --batch-slices
     dicom_folders = [Path(inputs.path)] if Path(inputs.path).is_dir() else []
-    reserved = VOLUME_OUTPUTS
-    folder = OutputFolder(out, inputs=protected_inputs(acq, inputs), reserved=reserved, dicom_folders=dicom_folders)
+    folder = OutputFolder(out, inputs=protected_inputs(acq, inputs), reserved=VOLUME_OUTPUTS,
+                          dicom_folders=dicom_folders)
     timings: dict[str, float] = {}
     with folder:
         stage = folder.stage
@@ -277,12 +275,11 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
                                                      samples=settings.samples, progress=False, task=task.name,
                                                      pixel_mm=pixel_mm, stack=True)
                 method_seconds += seconds
-                extra = task.extra_outputs(meas)
-                sino = extra.get("sinogram.npy")
+                keep_y = "sinogram.npy" in task.extra_outputs(meas)  # CT writes its (simulated) sinogram
                 for k in range(c0, c1):
                     i = k - e0
                     parts.save(k, img[i], None if std is None else std[i], seconds / (c1 - c0),  # halo cost included
-                               None if sino is None else meas.y[i].float().cpu().numpy())
+                               meas.y[i].float().cpu().numpy() if keep_y else None)
                 if bar is not None:
                     bar.update(c1 - c0)
         # assemble from the parts (every slice is there now)
@@ -299,17 +296,17 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         meas_info = dict(info0)
         log(f"{label or inputs.path}: {run.name} ({noise_text(meas_info)}), {n} slice(s) in "
             f"{timings['reconstruct']:.1f} s ({timings['reconstruct'] / n:.1f} s per slice)")
-        warnings = task.measurement_warnings(acq, Measurement(y=torch.zeros(1), op=op, info=meas_info))
+        stub = Measurement(y=torch.zeros(1), op=op, info=meas_info)  # what the per-slice task hooks read
+        warnings = task.measurement_warnings(acq, stub)
         for w in warnings:
             warn(task, w)
         prior_scale = (for_data(prior, op.in_shape, used.get("pixel_mm"), used.get("prior_scale")).describe()
                        if prior is not None else None)
         ood = ood_check(task, prior, truth.x[n // 2], "input image (middle slice)", warnings)
         t0 = time.perf_counter()
-        stub = Measurement(y=torch.zeros(1), op=op, info=meas_info)
         ref = np.stack([np.asarray(task.metric_image(truth.x[i], stub)) for i in range(n)])
         rec_m = np.stack([np.asarray(task.metric_image(img[i], stub)) for i in range(n)])
-        metrics = volume_metrics(rec_m, np.clip(ref, 0, 1))
+        metrics = volume_metrics(rec_m, ref)
         metrics.update(data_range=1.0, scale="[0, 1]", reference="input image", slices=[a, b])
         metrics.update(task.extra_metrics(img, truth))
         write_json(stage / "metrics.json", metrics)
@@ -318,15 +315,10 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             for i, p in enumerate(metrics["per_slice"])]
         write_text(stage / "metrics_slices.csv", "\n".join(rows) + "\n")
         method_settings = {"task": task.name, "method": run.name, **{k: v for k, v in used.items() if k != "callback"}}
-        shown = []
-        values = []
-        vmax = 1.0
-        for i in range(n):
-            v, s_img, vmax = task.output_image(img[i], truth, stub, window)
-            values.append(v)
-            shown.append(s_img)
-        values = np.stack(values)
-        shown = np.stack(shown)
+        per_slice = [task.output_image(img[i], truth, stub, window) for i in range(n)]
+        values = np.stack([v for v, _, _ in per_slice])
+        shown = np.stack([sh for _, sh, _ in per_slice])
+        vmax = per_slice[n // 2][2]
         written = write_image_outputs(stage, values, truth, run.name, method_settings)
         affine = (slice_affine(source.reference, a, truth.crop, truth.shape) if source.reference is not None
                   and getattr(source.reference, "affine", None) is not None
@@ -347,12 +339,11 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             written.append("sinogram.npy")
         std_scale = None
         if std is not None:
+            names, std_scale = write_std_maps(stage, std, std[n // 2], prior, task, run.name)
             unit = (truth.window[1] - truth.window[0]) if truth.units == "HU" else truth.scale
             std_units = (std * unit).astype(np.float32)
-            write_npy(std, stage / "std.npy")
             write_nifti(std_units, stage / "std.nii.gz", affine=affine)
-            write_png(std[n // 2], stage / "std.png", vmin=0.0, vmax=max(float(std.max()), 1e-12))
-            written += ["std.npy", "std.nii.gz", "std.png"]
+            written += names + ["std.nii.gz"]
             if source.fmt == "dicom" and source.reference is not None:
                 from recon.io.derived import cropped_reference
                 from recon.io.dicom import write_dicom_series
@@ -362,20 +353,11 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
                                            slice_indices=source.slice_indices,
                                            series_description=f"posterior std [{run.name}]")
                 written += [str(Path("dicom_std") / f.name) for f in files]
-            std_scale = std_calibration(prior, task.name, run.name)
-            if std_scale is not None:  # the raw std is too narrow: scaled so +-2 std covers 95 % (README)
-                write_npy(std * std_scale["scale"], stage / "std_calibrated.npy")
-                written.append("std_calibrated.npy")
         written += ["metrics.json", "metrics_slices.csv"]
         timings["write"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         record = {
-            "command": f"recon {task.name}",
-            "argv": list(sys.argv),
-            "versions": versions(),
-            "seed": settings.seed,
-            "device": str(device),
-            "input": str(inputs.path),
+            **record_head(task, settings, str(inputs.path)),
             "options": {**acq.settings(), **settings.record(), "method": run.name, "series": inputs.series,
                         "slices": f"{a}:{b}", "batch_slices": batch},
             "geometry": geometry_note,
@@ -407,9 +389,3 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
     parts.remove()
     return record
 
-
-def read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None

@@ -253,6 +253,16 @@ def _h5_error(path: Path, exc: BaseException) -> ReconError:
                       f"HDF5 ({short(exc)}); re-download or re-export it")
 
 
+def _open_h5(path: Path):
+    """The HDF5 file open for reading, or one ReconError saying it cannot be read."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except Exception as exc:
+        raise _h5_error(path, exc) from exc
+
+
 def _complex_kind(dtype: np.dtype, shape: tuple) -> str | None:
     """How a stored k-space dtype becomes complex: 'complex', 'ri', 'real_imag',
     'pairs' (float with a last axis of 2), or None (not k-space)."""
@@ -299,10 +309,7 @@ def _kspace_from_h5(path: Path, dataset: str | None, slice_index: int | None) ->
     import h5py
 
     name = dataset or "kspace"
-    try:
-        fh = h5py.File(path, "r")
-    except Exception as exc:
-        raise _h5_error(path, exc) from exc
+    fh = _open_h5(path)
     try:
         with fh:
             present = {}
@@ -609,10 +616,7 @@ def read_ismrmrd(path: str | os.PathLike, *, group: str = "dataset", slice_index
 
     path = require_file(path)
     _check_calibration(calibration)
-    try:
-        fh = h5py.File(path, "r")
-    except Exception as exc:
-        raise _h5_error(path, exc) from exc
+    fh = _open_h5(path)
     try:
         with fh:
             grp = fh.get(group)
