@@ -116,6 +116,8 @@ OPTION_RULES = {
     # slice consistency (issue #11): weight of the regulariser along the batch (z) axis
     "z_weight": ("float", 0.0, True, None, False),
     "admm_iters": ("int", 1, True, None, False),
+    # multi-scale priors (issue #10): native noise level below which the detail prior denoises
+    "detail_below": ("float", 0.0, True, None, False),
 }
 
 

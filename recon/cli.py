@@ -154,6 +154,16 @@ def add_train(sub):
     p.add_argument("--full-noise", default="-1.2,1.2", metavar="P_MEAN,P_STD",
                    help="log-normal noise distribution of the whole-image steps (default: EDM's -1.2,1.2; "
                         "a larger mean teaches the layout decided at high noise)")
+    p.add_argument("--noise", default="-1.2,1.2", metavar="P_MEAN,P_STD",
+                   help="log-normal noise distribution of the patch steps (default -1.2,1.2; a detail "
+                        "prior for the low noise levels: --noise=-3,1.2, with '=' as the value starts with -)")
+    p.add_argument("--native", action="store_true",
+                   help="train a detail prior on --patch crops at each image's own pixel size: nothing is "
+                        "resized, no coordinate channels, 8 exact flips/rotations, CT at its full range; "
+                        "records the training pixel size (--size and --full-every are not used)")
+    p.add_argument("--full-range", action="store_true",
+                   help="CT: clip below the window only, so bone and metal keep values above 1 (the scale "
+                        "reconstructions use); without it the window clips at both ends")
     common_options(p)
     return p
 
@@ -174,13 +184,17 @@ def run_train(args):
     from recon.train import TrainConfig, train
 
     full_p_mean, full_p_std = _numbers(args.full_noise, "--full-noise", count=2)
+    p_mean, p_std = _numbers(args.noise, "--noise", count=2)
+    if not (p_std > 0 and full_p_std > 0):
+        raise ReconError("--noise and --full-noise: P_STD must be > 0")
     cfg = TrainConfig(data=args.data, modality=args.modality, out=args.out, size=args.size, patch=args.patch,
                       steps=args.steps, batch=args.batch, lr=args.lr, base=args.base,
                       mults=_numbers(args.mults, "--mults", int), seed=args.seed, resume=args.resume,
                       minutes=args.minutes, window=_numbers(args.window, "--window", count=2),
                       max_images=args.max_images, checkpoint_every=args.checkpoint_every,
                       progress=progress_enabled(args), objective=args.objective, full_every=args.full_every,
-                      full_p_mean=full_p_mean, full_p_std=full_p_std)
+                      full_p_mean=full_p_mean, full_p_std=full_p_std, p_mean=p_mean, p_std=p_std,
+                      native=args.native, full_range=args.full_range)
     out = train(cfg, log=lambda m: log(args, m))
     log(args, f"wrote {out}")
 

@@ -21,11 +21,16 @@ non-square, in two bands:
   the band is suppressed, at low noise it is kept: the data-consistency steps
   of the samplers then fill in the details the measurement supports.
 
-A patch network trained at native pixel size can replace the Gaussian detail
-band at low noise later (PaDIS, Hu et al. 2024); the interface stays.
+* the **detail prior** at low noise: when the prior names one (``meta['detail_prior']``,
+  a patch network trained at native pixel size by ``recon train --native``, in the
+  spirit of PaDIS, Hu et al. 2024) and the data's pixels suit it, every noise level
+  below ``detail_below`` (native units of the [0, 1] scale) is denoised by it alone,
+  on the data's own grid, over overlapping tiles (:func:`denoise_tiled`).  Above
+  that level the two bands above are used: the global layout is decided where
+  fine detail is buried in noise anyway.
 
-With ``f = 1`` and an image of the prior's size this is exactly the prior's
-own denoiser.
+With ``f = 1`` and an image of the prior's size, and no detail prior, this is
+exactly the prior's own denoiser.
 """
 from __future__ import annotations
 
@@ -36,13 +41,19 @@ import torch.nn.functional as F
 
 from recon.errors import ReconError
 
-__all__ = ["ResampledPrior", "scale_factor", "detail_std_for", "for_data"]
+__all__ = ["ResampledPrior", "scale_factor", "detail_std_for", "for_data", "denoise_tiled", "detail_applies", "scale_record"]
 
 #: used when a prior's metadata has no measured detail std (fraction of the [0, 1] range)
 DEFAULT_DETAIL_STD = 0.03
 #: data this many times finer than the prior (or more) are denoised in two bands; between
 #: 1/RESAMPLE_ABOVE and RESAMPLE_ABOVE the prior runs on the data's grid directly
 RESAMPLE_ABOVE = 1.5
+#: noise level (native, [0, 1] scale) below which a detail prior denoises, when neither the
+#: call nor the prior's metadata (``detail_below_sigma``) says otherwise
+DEFAULT_DETAIL_BELOW = 0.2
+#: tiles of the detail prior: its GroupNorm statistics were learned on 64-px patches, so it
+#: is run on tiles of a few patch sizes rather than on a 512-px image at once
+DETAIL_TILE, DETAIL_OVERLAP = 128, 32
 
 
 def scale_factor(native_shape, prior, native_pixel_mm: float | None = None) -> tuple[float, str]:
@@ -112,16 +123,84 @@ def denoise_any_size(prior, x: torch.Tensor, sigma) -> torch.Tensor:
     return out[:, 0, top:top + h, left:left + w]
 
 
-class ResampledPrior(torch.nn.Module):
-    """A prior applied at ``factor`` native pixels per prior pixel (module docstring)."""
+def _ramp(n: int, overlap: int, dtype, device) -> torch.Tensor:
+    """Blending weights of one tile side: a linear ramp over ``overlap`` pixels at each end,
+    positive everywhere (so a pixel covered by one tile only gets that tile's value)."""
+    i = torch.arange(n, dtype=dtype, device=device)
+    if overlap <= 0:
+        return torch.ones(n, dtype=dtype, device=device)
+    return torch.minimum(torch.ones((), dtype=dtype, device=device),
+                         torch.minimum(i + 0.5, n - i - 0.5) / overlap)
 
-    def __init__(self, prior, factor: float = 1.0, detail_std: float | None = None, how: str = ""):
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list:
+    if n <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, n - tile, stride)) + [n - tile]
+    return sorted(set(starts))
+
+
+def denoise_tiled(prior, x: torch.Tensor, sigma, tile: int = DETAIL_TILE, overlap: int = DETAIL_OVERLAP):
+    """``prior``'s denoiser on ``x`` (B, H, W) of any size, over ``tile``-px tiles that overlap by
+    ``overlap`` px, blended with linear ramps; all tiles of the batch go through the network in
+    one call.  An image no larger than a tile is denoised whole."""
+    b, h, w = x.shape
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = _tile_starts(h, th, overlap), _tile_starts(w, tw, overlap)
+    if len(ys) == 1 and len(xs) == 1:
+        return denoise_any_size(prior, x, sigma)
+    tiles = torch.stack([x[:, y:y + th, c:c + tw] for y in ys for c in xs], 1)  # (B, T, th, tw)
+    n_t = tiles.shape[1]
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+    s = (s.expand(b) if s.numel() == 1 else s).repeat_interleave(n_t)
+    den = denoise_any_size(prior, tiles.reshape(b * n_t, th, tw), s).reshape(b, n_t, th, tw)
+    wgt = _ramp(th, overlap, x.dtype, x.device)[:, None] * _ramp(tw, overlap, x.dtype, x.device)[None]
+    out = torch.zeros_like(x)
+    norm = torch.zeros((h, w), dtype=x.dtype, device=x.device)
+    k = 0
+    for y in ys:
+        for c in xs:
+            out[:, y:y + th, c:c + tw] += den[:, k] * wgt
+            norm[y:y + th, c:c + tw] += wgt
+            k += 1
+    return out / norm
+
+
+def detail_applies(detail, factor: float, pixel_mm: float | None = None) -> tuple[bool, str]:
+    """Whether a detail prior (trained at native pixels) suits data of ``pixel_mm`` at ``factor``
+    native pixels per whole-image-prior pixel, and why: with both pixel sizes known, the data's
+    must lie within 1.5x of the detail prior's training range (``pixel_mm_range``); otherwise
+    the data must be much finer than the whole-image prior's grid (``factor`` >= 1.5)."""
+    meta = getattr(detail, "meta", {}) or {}
+    rng = meta.get("pixel_mm_range") or ([meta["pixel_mm"]] * 2 if meta.get("pixel_mm") else None)
+    if pixel_mm and rng:
+        lo, hi = float(rng[0]) / RESAMPLE_ABOVE, float(rng[1]) * RESAMPLE_ABOVE
+        ok = lo <= float(pixel_mm) <= hi
+        return ok, (f"{float(pixel_mm):.3g} mm pixels {'within' if ok else 'outside'} the detail prior's "
+                    f"{lo:.3g}-{hi:.3g} mm (its training range within 1.5x)")
+    ok = factor >= RESAMPLE_ABOVE
+    return ok, (f"pixel sizes unknown; the data are {factor:.3g}x finer than the whole-image prior's grid "
+                f"({'>=' if ok else '<'} {RESAMPLE_ABOVE})")
+
+
+class ResampledPrior(torch.nn.Module):
+    """A prior applied at ``factor`` native pixels per prior pixel, with its detail prior below
+    ``detail_below`` (module docstring)."""
+
+    def __init__(self, prior, factor: float = 1.0, detail_std: float | None = None, how: str = "",
+                 detail=None, detail_below: float = 0.0, detail_how: str = ""):
         super().__init__()
         if not (math.isfinite(factor) and factor > 0):
             raise ReconError(f"the scale factor between the data and the prior must be > 0, got {factor}")
+        if not (math.isfinite(detail_below) and detail_below >= 0):
+            raise ReconError(f"detail_below must be a noise level >= 0, got {detail_below}")
         self.prior, self.factor, self.how = prior, float(factor), how
         self.resample = self.factor >= RESAMPLE_ABOVE
         self.detail_std = float(detail_std_for(prior, factor) if detail_std is None else detail_std)
+        self.detail = detail if detail_below > 0 else None
+        self.detail_below = float(detail_below) if detail is not None else 0.0
+        self.detail_how = detail_how
 
     # the Prior interface the samplers use
     @property
@@ -163,8 +242,16 @@ class ResampledPrior(torch.nn.Module):
                       "data's grid as it is".format(1 / self.factor))
         else:
             action = "the prior runs on the data's grid (scale within 1.5x)"
-        return {"scale_factor": round(self.factor, 4), "scale_from": self.how, "action": action,
-                "prior_image_size": self.prior.image_size}
+        name = (getattr(self.detail, "meta", None) or {}).get("name", "detail prior")
+        if self.detail is not None:
+            action = (f"below noise {self.detail_below:g}: the detail prior '{name}' at the data's own pixels "
+                      f"({DETAIL_TILE}-px tiles); above it: {action}")
+        rec = {"scale_factor": round(self.factor, 4), "scale_from": self.how, "action": action,
+               "prior_image_size": self.prior.image_size,
+               "detail_prior": name if self.detail is not None else None, "detail_below": self.detail_below}
+        if self.detail_how:
+            rec["detail_from"] = self.detail_how
+        return rec
 
     def coarse_shape(self, h: int, w: int) -> tuple[int, int]:
         return max(4, round(h / self.factor)), max(4, round(w / self.factor))
@@ -176,6 +263,22 @@ class ResampledPrior(torch.nn.Module):
         return out[:, None] if squeeze else out
 
     def _denoise3(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        if self.detail is None:
+            return self._bands(x, sigma)
+        b = x.shape[0]
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        sig = sig.expand(b) if sig.numel() == 1 else sig
+        low = sig < self.detail_below
+        if bool(low.all()):
+            return denoise_tiled(self.detail, x, sig)
+        if not bool(low.any()):
+            return self._bands(x, sig)
+        out = torch.empty_like(x)  # a batch on both sides of the split: each part runs on its own elements
+        out[low] = denoise_tiled(self.detail, x[low], sig[low])
+        out[~low] = self._bands(x[~low], sig[~low])
+        return out
+
+    def _bands(self, x: torch.Tensor, sigma) -> torch.Tensor:
         b, h, w = x.shape
         ch, cw = self.coarse_shape(h, w)
         if not self.resample or (ch, cw) == (h, w):
@@ -192,12 +295,33 @@ class ResampledPrior(torch.nn.Module):
         return up_d + gain * (x - up_low)
 
 
-def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None = None) -> ResampledPrior:
+def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None = None,
+             detail_below: float | None = None) -> ResampledPrior:
     """``prior`` for data of ``shape`` (H, W) with pixels of ``pixel_mm`` (None: unknown);
-    ``factor`` overrides the scale (data pixels per prior pixel)."""
+    ``factor`` overrides the scale (data pixels per prior pixel).  The prior's detail prior
+    (``prior.detail_prior``, loaded by :func:`recon.prior.load_prior`) joins below
+    ``detail_below`` (default: the prior's ``detail_below_sigma``, else
+    :data:`DEFAULT_DETAIL_BELOW`; 0 turns it off) when :func:`detail_applies`."""
     if isinstance(prior, ResampledPrior):
         return prior
     if factor is not None:
-        return ResampledPrior(prior, float(factor), how="set explicitly (prior_scale)")
-    factor, how = scale_factor(tuple(shape), prior, pixel_mm)
-    return ResampledPrior(prior, factor, how=how)
+        factor, how = float(factor), "set explicitly (prior_scale)"
+    else:
+        factor, how = scale_factor(tuple(shape), prior, pixel_mm)
+    detail = getattr(prior, "detail_prior", None)
+    below, detail_how = 0.0, ""
+    if detail is not None:
+        meta = getattr(prior, "meta", {}) or {}
+        below = float(meta.get("detail_below_sigma", DEFAULT_DETAIL_BELOW) if detail_below is None else detail_below)
+        ok, detail_how = detail_applies(detail, factor, pixel_mm)
+        if not ok:
+            below = 0.0
+        elif below == 0:
+            detail_how = "turned off (detail_below=0)"
+    return ResampledPrior(prior, factor, how=how, detail=detail, detail_below=below, detail_how=detail_how)
+
+
+def scale_record(prior, shape, used: dict) -> dict:
+    """The run record's ``prior_scale``: what :func:`for_data` does for data of ``shape`` with
+    the options a method ``used`` (``pixel_mm``, ``prior_scale``, ``detail_below``)."""
+    return for_data(prior, shape, used.get("pixel_mm"), used.get("prior_scale"), used.get("detail_below")).describe()

@@ -146,9 +146,12 @@ def _stats(d: np.ndarray) -> dict:
 
 
 def weights_fingerprint(prior) -> str:
-    """SHA-1 (16 hex digits) of the prior's parameters and buffers, in name order."""
+    """SHA-1 (16 hex digits) of the prior's parameters and buffers, in name order; a detail prior
+    loaded beside it is not part of it (its errors are not the features)."""
     h = hashlib.sha1()
     for name, t in sorted(prior.state_dict().items()):
+        if name.startswith("detail_prior."):
+            continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -340,7 +343,7 @@ def load_folder_images(dirs, prior, max_images: int | None = None, seed: int = 0
     images, patients, names = [], [], []
     for f in files:
         is_dicom = f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".nii", ".gz")
-        for k, (img, pid) in enumerate(_read_training_file(f, "ct" if ct else "mri", None)):
+        for k, (img, pid, _mm) in enumerate(_read_training_file(f, "ct" if ct else "mri", None)):
             if img.ndim != 2 or min(img.shape) < 16 or not np.isfinite(img).all():
                 continue
             if float(np.abs(img).max()) <= 0:

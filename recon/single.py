@@ -20,7 +20,7 @@ from typing import Callable
 
 
 from recon.errors import ReconError
-from recon.multiscale import for_data
+from recon.multiscale import scale_record
 from recon.execute import (PriorCache, RunSettings, check_memory, check_samples, known_pixel_mm, noise_text,
                            ood_check, plan_methods, prepare_truth, protected_inputs, record_head, run_fingerprint,
                            run_method, warn, working_window_and_size, write_std_maps)
@@ -112,7 +112,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         pixel_mm = known_pixel_mm(truth, acq, size)
         img, std, seconds, used = run_method(run, meas, prior=prior, seed=settings.seed, samples=settings.samples,
                                              progress=settings.progress, task=task.name, pixel_mm=pixel_mm)
-        prior_scale = (for_data(prior, meas.op.in_shape, used.get("pixel_mm"), used.get("prior_scale")).describe()
+        prior_scale = (scale_record(prior, meas.op.in_shape, used)
                        if prior is not None else None)
         if prior_scale is not None:
             text = (f"prior scale: {prior_scale['scale_factor']:g} data pixels per prior pixel "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from recon.errors import ReconError
 from recon.networks import UNet
-from recon.preprocess import CT_WINDOW, normalise, square_resize
+from recon.preprocess import CT_WINDOW, hu_to_unit, normalise, square_resize
 from recon.prior import EDMDenoiser, Prior, save_prior, tweedie_score
 from recon.sde import SDE, VESDE, _bc, sde_from_config
 
@@ -112,7 +112,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
 def _read_training_file(path: Path, modality: str, window):
-    """Return list of (2-D float image in [0, 1], patient id) from one file."""
+    """Return list of (2-D float image in HU / intensity, patient id, pixel size in mm or None)
+    from one file; an unreadable file gives an empty list."""
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         from skimage.io import imread
@@ -120,12 +121,15 @@ def _read_training_file(path: Path, modality: str, window):
         img = np.asarray(imread(str(path)), dtype=np.float32)
         if img.ndim == 3:
             img = img[..., :3].mean(-1)
-        return [(img, None)]
+        return [(img, None, None)]
     if suffix in (".nii", ".gz"):
         import nibabel as nib
 
-        vol = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
-        return [(vol[:, :, k].T, path.name) for k in range(vol.shape[2])]
+        nii = nib.load(str(path))
+        vol = np.asarray(nii.get_fdata(), dtype=np.float32)
+        zooms = nii.header.get_zooms()[:2]
+        mm = float(np.sqrt(zooms[0] * zooms[1])) if len(zooms) == 2 and min(zooms) > 0 else None
+        return [(vol[:, :, k].T, path.name, mm) for k in range(vol.shape[2])]
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -134,16 +138,17 @@ def _read_training_file(path: Path, modality: str, window):
         arr = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
     except Exception:
         return []
+    spacing = getattr(ds, "PixelSpacing", None)
+    try:
+        mm = float(np.sqrt(float(spacing[0]) * float(spacing[1]))) if spacing else None
+    except (TypeError, ValueError, IndexError):
+        mm = None
     frames = arr if arr.ndim == 3 else arr[None]
-    return [(f, str(getattr(ds, "PatientID", "") or path.parent)) for f in frames]
+    return [(f, str(getattr(ds, "PatientID", "") or path.parent), mm) for f in frames]
 
 
-def load_image_folder(dirs, modality: str, size: int, window=CT_WINDOW, max_images=None, seed=0):
-    """Load every readable image under ``dirs`` at ``size`` x ``size``.
-
-    Returns (images (N, 1, S, S) float32 tensor, patient ids list).  Patient ids
-    come from DICOM PatientID; files without one are their own patient.
-    """
+def _training_files(dirs, max_images=None, seed=0) -> list:
+    """Every file under ``dirs`` (README/LICENSE skipped), or a seeded random subset of them."""
     files = []
     for d in dirs:
         d = Path(d)
@@ -153,17 +158,84 @@ def load_image_folder(dirs, modality: str, size: int, window=CT_WINDOW, max_imag
     if max_images and len(files) > max_images:
         rng = np.random.default_rng(seed)
         files = [files[i] for i in sorted(rng.choice(len(files), max_images, replace=False))]
-    images, patients = [], []
-    for f in files:
-        for img, pid in _read_training_file(f, modality, window):
-            if img.ndim != 2 or min(img.shape) < 16:
+    return files
+
+
+def _training_images(dirs, modality, max_images=None, seed=0, min_side=16):
+    """(image, patient id, pixel mm, file) for every readable 2-D image of at least ``min_side``
+    pixels under ``dirs``; files without a patient id are their own patient."""
+    for f in _training_files(dirs, max_images, seed):
+        for img, pid, mm in _read_training_file(f, modality, None):
+            if img.ndim != 2 or min(img.shape) < min_side or not np.isfinite(img).all():
                 continue
-            img = square_resize(img, size)
-            images.append(normalise(img, modality, window))
-            patients.append(pid or hashlib.sha1(str(f).encode()).hexdigest()[:10])
+            yield img, pid or hashlib.sha1(str(f).encode()).hexdigest()[:10], mm, f
+
+
+def _to_unit(img: np.ndarray, modality: str, window, full_range: bool) -> np.ndarray:
+    """The prior's working scale: CT through the HU window (``full_range``: clipped below only,
+    so bone and metal keep values above 1), other modalities divided by their maximum."""
+    if modality == "ct":
+        return hu_to_unit(img, window, full_range=full_range)
+    return normalise(img, modality, window)
+
+
+def load_image_folder(dirs, modality: str, size: int, window=CT_WINDOW, max_images=None, seed=0,
+                      full_range: bool = False):
+    """Load every readable image under ``dirs`` at ``size`` x ``size``.
+
+    Returns (images (N, 1, S, S) float32 tensor, patient ids list).  Patient ids
+    come from DICOM PatientID; files without one are their own patient.
+    """
+    images, patients = [], []
+    for img, pid, _, _ in _training_images(dirs, modality, max_images, seed):
+        images.append(_to_unit(square_resize(img, size), modality, window, full_range))
+        patients.append(pid)
     if not images:
         raise ReconError(f"no readable training images under {', '.join(map(str, dirs))}")
     return torch.from_numpy(np.stack(images))[:, None], patients
+
+
+def load_native_images(dirs, modality: str, window=CT_WINDOW, max_images=None, seed=0, min_side=64):
+    """Every readable image under ``dirs`` at its own pixel grid: nothing is resized or cropped.
+    CT keeps its full range (clipped below the window only).  Returns (list of (H, W) float32
+    tensors, patient ids, pixel sizes in mm (None where unknown))."""
+    images, patients, pixel_mm = [], [], []
+    for img, pid, mm, _ in _training_images(dirs, modality, max_images, seed, min_side=min_side):
+        images.append(torch.from_numpy(np.ascontiguousarray(_to_unit(img, modality, window, True))))
+        patients.append(pid)
+        pixel_mm.append(mm)
+    if not images:
+        raise ReconError(f"no readable training images of at least {min_side} px under "
+                         f"{', '.join(map(str, dirs))}")
+    return images, patients, pixel_mm
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """One of the 8 exact flips/rotations of the last two axes (k in 0..7): no interpolation."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def native_patches(images, patch: int, batch: int, generator: torch.Generator, air_keep: float = 0.1):
+    """``batch`` random ``patch`` x ``patch`` crops at the images' own pixel size, each under a
+    random flip/rotation.  Images are drawn in proportion to their number of crop positions
+    (so many small crops do not outweigh a few whole slices); a crop that is almost all air
+    (std < 0.01 and mean < 0.05 on the [0, 1] scale) is kept with probability ``air_keep``,
+    else redrawn (up to 20 times)."""
+    weights = torch.tensor([float((t.shape[0] - patch + 1) * (t.shape[1] - patch + 1)) for t in images])
+    out = []
+    for _ in range(batch):
+        for _try in range(20):
+            i = int(torch.multinomial(weights, 1, generator=generator))
+            img = images[i]
+            oy = int(torch.randint(0, img.shape[0] - patch + 1, (1,), generator=generator))
+            ox = int(torch.randint(0, img.shape[1] - patch + 1, (1,), generator=generator))
+            crop = img[oy:oy + patch, ox:ox + patch]
+            keep_air = float(torch.rand(1, generator=generator)) < air_keep
+            if keep_air or float(crop.std()) >= 0.01 or float(crop.mean()) >= 0.05:
+                break
+        out.append(dihedral(crop, int(torch.randint(0, 8, (1,), generator=generator))))
+    return torch.stack(out)[:, None].contiguous()
 
 
 def split_by_patient(patients, val_fraction=0.05, seed=0):
@@ -240,6 +312,15 @@ class TrainConfig:
     full_every: int = 4
     full_p_mean: float = -1.2
     full_p_std: float = 1.2
+    #: log-normal noise distribution of the patch steps (EDM's default; a detail prior uses
+    #: a lower band, e.g. -3, 1.2)
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    #: train on patches at each image's own pixel size (no resizing, no coordinates, 8 exact
+    #: flips/rotations): a native-resolution detail prior for the low noise levels
+    native: bool = False
+    #: CT clipped below the window only (bone and metal keep values > 1); native implies it
+    full_range: bool = False
     extra_meta: dict = field(default_factory=dict)
 
 
@@ -254,19 +335,43 @@ def _dist():
 
 
 @torch.no_grad()
-def validation_loss(denoiser, val: torch.Tensor, seed=1234, n_sigma=8):
-    """EDM loss on whole held-out images at fixed noise (comparable across runs)."""
+def validation_bands(denoiser, val: torch.Tensor, seed=1234, n_sigma=8, p_mean=-1.2, p_std=1.2):
+    """EDM-weighted loss on held-out images at ``n_sigma`` fixed noise levels spread over
+    p_mean +- 2 p_std (comparable across runs): a list of (sigma, loss) per noise band."""
     if val is None or len(val) == 0:
-        return float("nan")
+        return []
     g = torch.Generator().manual_seed(seed)
-    sigmas = torch.exp(torch.linspace(-1.2 - 2 * 1.2, -1.2 + 2 * 1.2, n_sigma))
+    sigmas = torch.exp(torch.linspace(p_mean - 2 * p_std, p_mean + 2 * p_std, n_sigma))
     sd = denoiser.sigma_data
-    total = 0.0
+    bands = []
     for s in sigmas:
         noise = torch.randn(val.shape, generator=g)
         d = denoiser(val + s * noise, s.expand(len(val)))
-        total += float(((s**2 + sd**2) / (s * sd) ** 2) * ((d - val) ** 2).mean())
-    return total / n_sigma
+        bands.append((float(s), float(((s**2 + sd**2) / (s * sd) ** 2) * ((d - val) ** 2).mean())))
+    return bands
+
+
+def validation_loss(denoiser, val: torch.Tensor, seed=1234, n_sigma=8, p_mean=-1.2, p_std=1.2):
+    """The mean over :func:`validation_bands` (NaN without validation images)."""
+    bands = validation_bands(denoiser, val, seed, n_sigma, p_mean, p_std)
+    return float(np.mean([b[1] for b in bands])) if bands else float("nan")
+
+
+def _native_validation(images, patch: int, n: int = 64, seed: int = 4321):
+    """``n`` fixed crops of the held-out images (the same for every run with the same data)."""
+    if not images:
+        return None
+    return native_patches(images, patch, n, torch.Generator().manual_seed(seed))
+
+
+def _pixel_summary(pixel_mm) -> dict:
+    known = np.array([m for m in pixel_mm if m], dtype=np.float64)
+    if not len(known):
+        return {"pixel_mm": None, "pixel_mm_from": "unknown (no pixel spacing in the training files)"}
+    return {"pixel_mm": round(float(np.median(known)), 3),
+            "pixel_mm_range": [round(float(np.percentile(known, 5)), 3), round(float(np.percentile(known, 95)), 3)],
+            "pixel_mm_from": (f"median (5th-95th percentile) pixel spacing of the {len(known)} of "
+                              f"{len(pixel_mm)} training images that state it, trained at native pixels")}
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
@@ -279,32 +384,51 @@ def train(cfg: TrainConfig, log=print) -> Path:
     out = Path(cfg.out)
     if out.suffix != ".safetensors":
         out = out.with_suffix(".safetensors")
-    if cfg.patch > cfg.size:
+    if not cfg.native and cfg.patch > cfg.size:
         raise ReconError(f"--patch {cfg.patch} is larger than --size {cfg.size}")
+    full_range = cfg.full_range or cfg.native
 
     t_load = time.time()
-    images, patients = load_image_folder(cfg.data, cfg.modality, cfg.size, cfg.window, cfg.max_images, cfg.seed)
-    tr_idx, va_idx = split_by_patient(patients, seed=cfg.seed)
-    train_x, val_x = images[tr_idx], images[va_idx][:16]
+    if cfg.native:
+        natives, patients, pixel_mm = load_native_images(cfg.data, cfg.modality, cfg.window, cfg.max_images,
+                                                         cfg.seed, min_side=cfg.patch)
+        tr_idx, va_idx = split_by_patient(patients, seed=cfg.seed)
+        train_native = [natives[i] for i in tr_idx]
+        val_x = _native_validation([natives[i] for i in va_idx], cfg.patch)
+        n_images = len(natives)
+    else:
+        images, patients = load_image_folder(cfg.data, cfg.modality, cfg.size, cfg.window, cfg.max_images,
+                                             cfg.seed, full_range=full_range)
+        tr_idx, va_idx = split_by_patient(patients, seed=cfg.seed)
+        train_x, val_x = images[tr_idx], images[va_idx][:16]
+        n_images = len(images)
     if rank == 0:
-        log(f"loaded {len(images)} images ({len(set(patients))} patients) in {time.time() - t_load:.0f}s: "
+        log(f"loaded {n_images} images ({len(set(patients))} patients) in {time.time() - t_load:.0f}s: "
             f"{len(tr_idx)} train, {len(va_idx)} validation")
 
-    history, step, elapsed_before = [], 0, 0.0
+    history, step, elapsed_before, val_history = [], 0, 0.0, []
     arch = dict(channels=1, base=cfg.base, mults=list(cfg.mults), n_res=cfg.n_res,
-                attn_levels=list(cfg.attn_levels), coords=True, sigma_data=0.5)
+                attn_levels=list(cfg.attn_levels), coords=not cfg.native, sigma_data=0.5)
+    if cfg.modality != "ct":
+        norm = "magnitude divided by its maximum"
+    elif full_range:
+        norm = "HU window [lo, hi] -> [0, 1], clipped below lo only (values above hi kept, > 1)"
+    else:
+        norm = "HU window [lo, hi] -> [0, 1], clipped"
     meta = {
         "format": "recon-prior-v1",
         "modality": cfg.modality,
-        "image_size": cfg.size,
+        "image_size": cfg.patch if cfg.native else cfg.size,
         "window": list(cfg.window) if cfg.modality == "ct" else None,
-        "normalisation": ("HU window [lo, hi] -> [0, 1], clipped" if cfg.modality == "ct"
-                          else "magnitude divided by its maximum"),
+        "normalisation": norm,
+        "full_range": bool(full_range and cfg.modality == "ct"),
         "architecture": arch,
         "sde": {"name": "ve", "sigma_min": 0.002, "sigma_max": 20.0},
         "parameterisation": "EDM denoiser (Karras et al. 2022), sigma_data 0.5",
         **cfg.extra_meta,
     }
+    if cfg.native:
+        meta.update(native=True, **_pixel_summary(pixel_mm))
     model = EDMDenoiser(UNet(**{k: v for k, v in arch.items() if k != "sigma_data"}), 0.5)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -322,8 +446,12 @@ def train(cfg: TrainConfig, log=print) -> Path:
         model.load_state_dict(raw or ema.state_dict())
         tr = prev.get("training", {})
         step, elapsed_before, history = tr.get("steps", 0), tr.get("seconds", 0.0), tr.get("history", [])
+        val_history = list(tr.get("val_history", []))
         for key, value in prev.items():  # keep what training does not own (name, tuned sampler
             meta.setdefault(key, value)  # defaults, out-of-distribution reference, pixel size, ...)
+        if prev.get("normalisation") != meta["normalisation"]:
+            meta["normalisation_history"] = prev.get("normalisation_history", []) + [
+                {"until_step": step, "normalisation": prev.get("normalisation")}]
         if optim_path.exists():
             st = torch.load(optim_path, weights_only=True)
             if st.get("step") == step:
@@ -344,14 +472,20 @@ def train(cfg: TrainConfig, log=print) -> Path:
     def checkpoint(final=False):
         if rank != 0:
             return
-        val = validation_loss(ema, val_x)
+        bands = validation_bands(ema, val_x, p_mean=cfg.p_mean if cfg.native else -1.2,
+                                 p_std=cfg.p_std if cfg.native else 1.2)
+        val = float(np.mean([b[1] for b in bands])) if bands else float("nan")
+        val_history.append([step, round(val, 5)])
         meta["training"] = {
             "data": [str(d) for d in cfg.data], "steps": step, "batch": cfg.batch * world, "patch": cfg.patch,
-            "lr": cfg.lr, "ema": cfg.ema, "seed": cfg.seed, "full_image_every": cfg.full_every,
-            "full_image_noise": [cfg.full_p_mean, cfg.full_p_std], "seconds": round(elapsed_before + time.time() - t0, 1),
+            "lr": cfg.lr, "ema": cfg.ema, "seed": cfg.seed,
+            "full_image_every": 0 if cfg.native else cfg.full_every,
+            "full_image_noise": [cfg.full_p_mean, cfg.full_p_std], "patch_noise": [cfg.p_mean, cfg.p_std],
+            "native": cfg.native, "seconds": round(elapsed_before + time.time() - t0, 1),
             "train_images": len(tr_idx), "val_images": len(va_idx),
             "final_train_loss": float(np.mean([h[1] for h in history[-10:]])) if history else None,
-            "final_val_loss": val, "history": history, "world_size": world,
+            "final_val_loss": val, "val_loss_by_sigma": [[round(a, 5), round(b, 5)] for a, b in bands],
+            "val_history": val_history, "history": history, "world_size": world,
             "torch": torch.__version__,
         }
         save_prior(Prior(ema, meta), out, raw=model)
@@ -367,19 +501,24 @@ def train(cfg: TrainConfig, log=print) -> Path:
             if rank == 0:
                 log(f"time budget of {cfg.minutes} min reached at step {step}")
             break
-        full = cfg.full_every > 0 and step % cfg.full_every == cfg.full_every - 1
-        bsz = max(1, cfg.batch // 4) if full else cfg.batch
-        idx = torch.randint(0, len(train_x), (bsz,), generator=g)
-        x = augment(train_x[idx], g)
+        full = not cfg.native and cfg.full_every > 0 and step % cfg.full_every == cfg.full_every - 1
         coords = None
-        if not full:
-            x, coords = random_patches(x, cfg.patch, g)
+        if cfg.native:
+            x = native_patches(train_native, cfg.patch, cfg.batch, g)
+        else:
+            bsz = max(1, cfg.batch // 4) if full else cfg.batch
+            idx = torch.randint(0, len(train_x), (bsz,), generator=g)
+            x = augment(train_x[idx], g)
+            if not full:
+                x, coords = random_patches(x, cfg.patch, g)
         warm = min(1.0, (step + 1) / 100)
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * warm
         if full and cfg.objective == "edm":
             # whole images also learn the layout, decided at high noise: a broader noise distribution
             loss = edm_loss(net, x, g, cfg.full_p_mean, cfg.full_p_std, sigma_data=model.sigma_data)
+        elif cfg.objective == "edm":
+            loss = edm_loss(net, x, g, cfg.p_mean, cfg.p_std, coords=coords, sigma_data=model.sigma_data)
         else:
             loss = training_loss(cfg.objective, net, x, g, coords, model.sigma_data, train_sde)
         opt.zero_grad(set_to_none=True)

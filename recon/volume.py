@@ -203,7 +203,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
     from recon.io import write_npy, write_png
     from recon.io.derived import slice_affine, write_image_outputs
     from recon.io.nifti import write_nifti
-    from recon.multiscale import for_data
+    from recon.multiscale import scale_record
     from recon.outputs import OutputFolder, fingerprint, write_json, write_text
 
     t_start = time.perf_counter()
@@ -300,7 +300,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         warnings = task.measurement_warnings(acq, stub)
         for w in warnings:
             warn(task, w)
-        prior_scale = (for_data(prior, op.in_shape, used.get("pixel_mm"), used.get("prior_scale")).describe()
+        prior_scale = (scale_record(prior, op.in_shape, used)
                        if prior is not None else None)
         ood = ood_check(task, prior, truth.x[n // 2], "input image (middle slice)", warnings)
         t0 = time.perf_counter()

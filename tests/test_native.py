@@ -1,0 +1,256 @@
+"""Native-resolution detail priors (issue #10): training at the images' own pixels, tiled
+denoising, the multi-scale denoiser with a detail prior, loading, and applicability."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recon.errors import ReconError
+from recon.multiscale import ResampledPrior, denoise_tiled, detail_applies, for_data
+from recon.networks import UNet
+from recon.prior import EDMDenoiser, Prior, load_prior, save_prior
+from recon.train import TrainConfig, dihedral, load_image_folder, load_native_images, native_patches, train
+
+DETAIL_META = {"image_size": 16, "modality": "ct", "window": [-1000, 1000], "sde": {"name": "ve"},
+               "native": True, "pixel_mm": 0.8, "pixel_mm_range": [0.7, 1.0], "name": "tiny-detail",
+               "architecture": {"channels": 1, "base": 8, "mults": [1, 2], "n_res": 1, "attn_levels": [],
+                                "coords": False, "sigma_data": 0.5}}
+
+
+def tiny_detail(seed=1):
+    torch.manual_seed(seed)
+    net = UNet(**{k: v for k, v in DETAIL_META["architecture"].items() if k != "sigma_data"})
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    return Prior(EDMDenoiser(net), DETAIL_META).eval()
+
+
+def tiny_whole(seed=0):
+    from tests.test_prior import tiny_prior
+
+    return tiny_prior(seed).eval()
+
+
+class Pointwise:
+    """D(x, sigma) = x / (1 + sigma^2), per batch element: any tiling must reproduce it exactly."""
+
+    meta = {"image_size": 16, "name": "pointwise"}
+    image_size = 16
+
+    def denoise(self, x, sigma):
+        s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1)
+        return x / (1 + s**2)
+
+
+# ---------------------------------------------------------------------------
+# tiles
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 150, 203), (2, 97, 300), (1, 129, 129), (1, 40, 260)])
+def test_tiles_reproduce_a_pointwise_denoiser_exactly(shape):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    sig = torch.tensor([0.3, 0.05])[: shape[0]]
+    out = denoise_tiled(Pointwise(), x, sig, tile=64, overlap=16)
+    assert torch.allclose(out, x / (1 + sig.reshape(-1, 1, 1) ** 2), atol=1e-6)
+
+
+def test_tiles_of_a_network_blend_smoothly_and_equal_it_when_one_tile_covers_the_image():
+    from recon.multiscale import denoise_any_size
+
+    p = tiny_detail()
+    x = torch.rand(1, 40, 36, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(denoise_tiled(p, x, 0.1, tile=64, overlap=16), denoise_any_size(p, x, 0.1))
+        whole = denoise_any_size(p, x, 0.1)
+        tiled = denoise_tiled(p, x, 0.1, tile=24, overlap=8)
+    assert tiled.shape == x.shape and torch.isfinite(tiled).all()
+    # a convolutional network with a limited receptive field: tiles agree with the whole image
+    # away from the tiles' borders, only GroupNorm statistics differ
+    assert float((tiled - whole).abs().mean()) < 0.2 * float(whole.abs().mean())
+
+
+# ---------------------------------------------------------------------------
+# the multi-scale denoiser with a detail prior
+# ---------------------------------------------------------------------------
+def test_multiscale_denoiser_equals_its_parts_in_each_band_and_in_a_mixed_batch():
+    whole, detail = tiny_whole(), tiny_detail()
+    x = torch.rand(3, 40, 52, generator=torch.Generator().manual_seed(2))
+    ms = ResampledPrior(whole, 2.5, detail=detail, detail_below=0.2)
+    plain = ResampledPrior(whole, 2.5)
+    with torch.no_grad():
+        for s in (0.01, 0.15):  # below the split: the detail prior alone, on the data's grid
+            assert torch.equal(ms.denoise(x, s), denoise_tiled(detail, x, s))
+        for s in (0.2, 0.9, 5.0):  # at and above: the whole-image prior's two bands
+            assert torch.equal(ms.denoise(x, s), plain.denoise(x, s))
+        mixed = torch.tensor([0.05, 1.0, 0.1])
+        out = ms.denoise(x, mixed)
+        for i, s in enumerate(mixed.tolist()):
+            assert torch.allclose(out[i], ms.denoise(x[i:i + 1], s)[0], atol=1e-5)
+    rec = ms.describe()
+    assert rec["detail_prior"] == "tiny-detail" and rec["detail_below"] == 0.2 and "below noise 0.2" in rec["action"]
+    off = ResampledPrior(whole, 2.5, detail=detail, detail_below=0.0)
+    assert off.detail is None and off.describe()["detail_prior"] is None
+
+
+def test_detail_prior_applies_by_pixel_size_or_else_by_scale():
+    d = tiny_detail()
+    assert detail_applies(d, 4.0, 0.7)[0] and detail_applies(d, 1.0, 1.4)[0]      # within 1.5x of 0.7-1.0 mm
+    ok, why = detail_applies(d, 4.0, 2.0)                                            # 2 mm: too coarse
+    assert not ok and "outside" in why
+    assert detail_applies(d, 4.0, None)[0] and not detail_applies(d, 1.2, None)[0]  # unknown pixels: by scale
+    unknown = Prior(d.denoiser, {**DETAIL_META, "pixel_mm": None, "pixel_mm_range": None})
+    assert detail_applies(unknown, 2.0, 0.5)[0] and not detail_applies(unknown, 1.0, 0.5)[0]
+
+
+def test_for_data_attaches_the_detail_prior_only_where_it_applies():
+    whole = tiny_whole()
+    whole.detail_prior = tiny_detail()
+    assert for_data(whole, (64, 64)).detail is not None                      # 4x finer, pixels unknown
+    assert for_data(whole, (64, 64), pixel_mm=3.0).detail is None            # 3 mm: not the detail prior's scale
+    assert for_data(whole, (16, 16)).detail is None                          # the whole prior's own grid
+    assert for_data(whole, (64, 64), detail_below=0).detail is None          # turned off
+    assert for_data(whole, (64, 64), detail_below=0.5).detail_below == 0.5
+    whole.meta = {**whole.meta, "detail_below_sigma": 0.1}
+    assert for_data(whole, (64, 64)).detail_below == 0.1
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+def test_load_prior_loads_the_named_detail_prior_beside_it_and_fails_clearly_without(tmp_path):
+    whole = tiny_whole()
+    whole.meta = {**whole.meta, "detail_prior": "tiny-detail"}
+    path = save_prior(whole, tmp_path / "w.safetensors")
+    with pytest.raises(ReconError, match="names the detail prior 'tiny-detail'.*beside it.*remove"):
+        load_prior(path)
+    save_prior(tiny_detail(), tmp_path / "tiny-detail.safetensors")
+    p = load_prior(path)
+    assert p.detail_prior.meta["native"] is True
+    x = torch.rand(1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(p.detail_prior.denoise(x, 0.1), tiny_detail().denoise(x, 0.1))
+    assert not hasattr(load_prior(path, detail=False), "detail_prior")
+    # the OOD fingerprint is the whole-image network's alone
+    from recon.ood import weights_fingerprint
+
+    assert weights_fingerprint(p) == weights_fingerprint(load_prior(path, detail=False))
+    # metadata written before detail priors existed still loads, without one
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta.pop("detail_prior")
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    assert getattr(load_prior(path), "detail_prior", None) is None
+
+
+@pytest.mark.parametrize("method", ["score", "score-fast", "dps"])
+def test_every_score_method_runs_with_a_detail_prior_at_odd_sizes(method):
+    from forward_models import CartesianMRI, Inpainting
+    from recon.methods import get_method
+
+    whole = tiny_whole()
+    whole.detail_prior = tiny_detail()
+    shape = (41, 35)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((1, *shape), generator=g)
+    mask = (torch.rand(shape, generator=g) > 0.5).float()
+    for op in (Inpainting(mask, shape=shape), CartesianMRI(mask)):
+        y = op.A(x.to(torch.complex64) if op.is_complex_input else x)
+        out = get_method(method)(y, op, prior=whole, n_steps=4, seed=0)
+        off = get_method(method)(y, op, prior=whole, n_steps=4, seed=0, detail_below=0)
+        assert out.shape == (1, *shape) and torch.isfinite(out).all()
+        assert not torch.equal(out, off)  # the detail prior took part
+    with pytest.raises(ReconError, match="detail_below"):
+        get_method(method)(y, op, prior=whole, n_steps=2, detail_below=-1)
+
+
+# ---------------------------------------------------------------------------
+# native training
+# ---------------------------------------------------------------------------
+def _write_ct_series(folder, shapes, pixel_mm=0.8):
+    """Synthetic single-slice DICOM CT files of the given (rows, cols), HU up to +2000."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(shapes):
+        yy, xx = np.mgrid[:h, :w]
+        hu = np.full((h, w), -1000.0)
+        hu[(yy - h / 2) ** 2 / (0.4 * h) ** 2 + (xx - w / 2) ** 2 / (0.4 * w) ** 2 < 1] = 40
+        hu[(yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (0.08 * min(h, w)) ** 2] = 2000  # bone above the window
+        hu += rng.normal(0, 10, hu.shape)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"s{i}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.Modality, ds.PatientID = "CT", f"P{i % 3}"
+        ds.Rows, ds.Columns = h, w
+        ds.PixelSpacing = [pixel_mm, pixel_mm]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = np.round(hu + 1024).astype(np.int16).tobytes()
+        ds.save_as(str(folder / f"s{i}.dcm"), enforce_file_format=True)
+    return folder
+
+
+def test_native_images_keep_their_own_grid_and_full_range(tmp_path):
+    data = _write_ct_series(tmp_path / "ct", [(70, 90), (64, 130), (101, 77)])
+    images, patients, mm = load_native_images([data], "ct")
+    assert sorted(tuple(t.shape) for t in images) == [(64, 130), (70, 90), (101, 77)]  # nothing resized
+    assert max(float(t.max()) for t in images) > 1.4  # +2000 HU on the [-1000, 1000] window: 1.5
+    assert min(float(t.min()) for t in images) >= 0.0 and mm == [0.8] * 3
+    clipped, _ = load_image_folder([data], "ct", 32)
+    full, _ = load_image_folder([data], "ct", 32, full_range=True)
+    assert float(clipped.max()) <= 1.0 < float(full.max())
+
+
+def test_native_patches_are_exact_crops_under_the_eight_symmetries():
+    g = torch.Generator().manual_seed(0)
+    img = torch.arange(30 * 41, dtype=torch.float32).reshape(30, 41) / 1000 + 0.1
+    crops = native_patches([img], 8, 32, g)
+    assert crops.shape == (32, 1, 8, 8)
+    windows = {tuple(dihedral(img[y:y + 8, x:x + 8], k).flatten().tolist())
+               for y in range(23) for x in range(34) for k in range(8)}
+    assert all(tuple(c[0].flatten().tolist()) in windows for c in crops)
+    # air-only crops are mostly redrawn
+    air = torch.zeros(64, 64)
+    air[40:, 40:] = 0.5
+    share = float((native_patches([air], 16, 200, g).flatten(1).std(1) < 0.01).float().mean())
+    assert share < 0.5  # about 0.36 of positions are air: with air_keep 0.1 far fewer are drawn
+
+
+def test_native_training_records_its_scale_and_resumes_bit_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    data = _write_ct_series(tmp_path / "ct", [(40, 50), (36, 70), (44, 44), (52, 40), (40, 40), (38, 61)])
+    common = dict(data=[data], modality="ct", patch=16, batch=4, base=8, mults=(1, 2), seed=5, progress=False,
+                  checkpoint_every=2, native=True, p_mean=-3.0, p_std=1.2)
+    a = train(TrainConfig(out=str(tmp_path / "a"), steps=4, **common), log=lambda m: None)
+    meta = json.loads(a.with_suffix(".json").read_text())
+    assert meta["native"] is True and meta["image_size"] == 16 and meta["architecture"]["coords"] is False
+    assert meta["pixel_mm"] == 0.8 and meta["pixel_mm_range"] == [0.8, 0.8] and meta["full_range"] is True
+    assert meta["training"]["patch_noise"] == [-3.0, 1.2] and len(meta["training"]["val_loss_by_sigma"]) == 8
+    b = train(TrainConfig(out=str(tmp_path / "b"), steps=2, **common), log=lambda m: None)
+    b = train(TrainConfig(out=str(tmp_path / "b"), steps=4, resume=True, **common), log=lambda m: None)
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    p = load_prior(a)
+    with torch.no_grad():
+        out = denoise_tiled(p, torch.rand(1, 45, 37), 0.05, tile=24, overlap=8)
+    assert torch.isfinite(out).all()
+
+
+def test_resuming_a_clipped_prior_with_full_range_records_the_change(tmp_path):
+    from tests.test_train import _write_pngs
+
+    data = _write_pngs(tmp_path / "data")
+    common = dict(data=[data], modality="ct", size=16, patch=8, batch=4, base=8, mults=(1, 2), seed=3,
+                  progress=False, checkpoint_every=2)
+    c = train(TrainConfig(out=str(tmp_path / "c"), steps=2, **common), log=lambda m: None)
+    c = train(TrainConfig(out=str(tmp_path / "c"), steps=4, resume=True, full_range=True, **common),
+              log=lambda m: None)
+    meta = json.loads(c.with_suffix(".json").read_text())
+    assert meta["full_range"] is True and "clipped below lo only" in meta["normalisation"]
+    assert meta["normalisation_history"] == [{"until_step": 2, "normalisation": "HU window [lo, hi] -> [0, 1], clipped"}]
