@@ -5,7 +5,7 @@ optional CT backends (ASTRA, torch-radon).
 """
 from .base import (Adjoint, Compose, Decomposition, Identity, LinearOperator, Scaled,
                    cgls, check_tensor, complex_dtype, real_dtype)
-from .ct import FanBeamCT, ParallelBeamCT, view_angles
+from .ct import FanBeamCT, FinerGridProjection, ParallelBeamCT, view_angles
 from .inpaint import Inpainting
 from .kind import inpainting_mask, operator_kind
 from .masks import (INPAINT_MASKS, MRI_MASKS, BoxMask, EquispacedMask, Gaussian1DMask,
@@ -17,7 +17,7 @@ from .noise import GaussianNoise, PoissonNoise
 __all__ = [
     "LinearOperator", "Decomposition", "Adjoint", "Compose", "Scaled", "Identity", "cgls",
     "check_tensor", "complex_dtype", "real_dtype", "operator_kind", "inpainting_mask",
-    "ParallelBeamCT", "FanBeamCT", "view_angles",
+    "ParallelBeamCT", "FanBeamCT", "FinerGridProjection", "view_angles",
     "FFT2c", "CartesianMRI", "SenseMRI", "estimate_sensitivity_maps", "fft2c", "ifft2c",
     "Inpainting",
     "Mask", "EquispacedMask", "RandomMask", "Gaussian1DMask", "Gaussian2DMask", "PoissonDiscMask",

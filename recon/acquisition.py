@@ -276,6 +276,10 @@ class _Acquisition:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
                 if k in self._describe}
 
+    def simulation_operator(self, op):
+        """The operator that simulates the data reconstructed with ``op`` (default: ``op``)."""
+        return op
+
     def gaussian(self):
         from forward_models.physics import NoNoise, RelativeGaussian
 
@@ -308,6 +312,9 @@ class CTAcquisition(_Acquisition):
     flat: str | None = None            # raw counts: open-beam field
     dark: str | None = None            # raw counts: dark field
     reference: str | None = None       # 'full' or 'full:METHOD'
+    #: simulate on a K-times finer grid (forward_models.FinerGridProjection) than the one the
+    #: reconstruction uses: no inverse crime; 1 = the reconstruction's own operator
+    simulate_finer: int = 1
 
     task = "ct"
 
@@ -326,6 +333,12 @@ class CTAcquisition(_Acquisition):
                f"--sinogram-units must be image, attenuation or counts, got {self.sinogram_units!r}")
         _check(not (self.photons is not None and self.noise), "give either --photons or --noise, not both")
         self._check_measured()
+        _positive(self.simulate_finer, "--simulate-finer", integer=True)
+        if self.simulate_finer > 1:
+            _check(not self.sinogram, "--simulate-finer refines a simulation; measured data (--sinogram) were "
+                                      "not simulated: leave it out")
+            _check(self.geometry == "parallel", "--simulate-finer supports --geometry parallel only; leave it out "
+                                                "for fan beam")
         if self.geometry == "fan":
             # distances are in image widths; the source must stay outside the image's circumscribed circle
             half_diagonal = math.sqrt(2) / 2
@@ -444,6 +457,8 @@ class CTAcquisition(_Acquisition):
         if self.units != "auto":
             keys.append("units")
         keys += [k for k in ("angles", "det_spacing", "reference") if getattr(self, k) is not None]
+        if self.simulate_finer > 1:
+            keys.append("simulate_finer")
         d = self.settings()
         return {k: d[k] for k in keys}
 
@@ -486,6 +501,15 @@ class CTAcquisition(_Acquisition):
         else:
             op = ParallelBeamCT(size, angles, n_det=n_det, det_spacing=1.0 if det_spacing is None else det_spacing)
         return op.to(device)
+
+    def simulation_operator(self, op):
+        """The operator that simulates the data reconstructed with ``op``: ``op`` itself, or with
+        --simulate-finer K the same geometry on a K-times finer grid."""
+        if self.simulate_finer <= 1:
+            return op
+        from forward_models import FinerGridProjection
+
+        return FinerGridProjection(op, self.simulate_finer)
 
     def noise_model(self, window, pixel_mm: float):
         from forward_models.physics import LowDoseCT

@@ -158,7 +158,11 @@ class Task:
         """``y = noise(A x)`` for the ground truth, seeded by ``seed`` (``op``: reuse an operator)."""
         op = op if op is not None else acq.operator(truth.shape, device, seed=seed)
         gen = torch.Generator(device=device).manual_seed(seed)
-        meas = Physics(op, acq.noise_model(truth.window, truth.pixel_mm)).simulate(truth.batch(device), gen)
+        sim = acq.simulation_operator(op)
+        meas = Physics(sim, acq.noise_model(truth.window, truth.pixel_mm)).simulate(truth.batch(device), gen)
+        if sim is not op:  # data from another operator than the one that reconstructs (no inverse crime)
+            meas.op = op
+            meas.info["simulated_with"] = f"{type(sim).__name__}({sim.extra_repr()})"
         self._annotate(meas)
         return meas
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from forward_models import (MRI_MASKS, Adjoint, CartesianMRI, Compose, FanBeamCT, Inpainting,
+from forward_models import (MRI_MASKS, Adjoint, CartesianMRI, Compose, FanBeamCT, FinerGridProjection, Inpainting,
                             ParallelBeamCT, RandomPixelMask, Scaled, SenseMRI, view_angles)
 
 
@@ -71,6 +71,9 @@ FACTORIES = {
     "ct-parallel-matrix-free": lambda: ParallelBeamCT(32, view_angles(23), backend="matrix-free"),
     "ct-parallel-budget-fallback": lambda: ParallelBeamCT(33, view_angles(23), memory_budget=0),
     "ct-fan": lambda: FanBeamCT(32, view_angles(36, arc_deg=360), 60, 100),
+    "ct-finer-grid-2": lambda: FinerGridProjection(ParallelBeamCT(21, view_angles(9)), 2),
+    "ct-finer-grid-3-det-spacing": lambda: FinerGridProjection(
+        ParallelBeamCT(16, view_angles(7), n_det=19, det_spacing=1.3), 3),
     "ct-fan-odd-short-scan": lambda: FanBeamCT(33, view_angles(25, arc_deg=220), 50, 90, n_det=41),
     "ct-fan-matrix-free": lambda: FanBeamCT(32, view_angles(36, arc_deg=360), 60, 100, backend="matrix-free"),
     **{f"mri-cartesian-{k}": (lambda k=k: CartesianMRI(_mask(k))) for k in MRI_MASKS},

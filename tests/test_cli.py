@@ -594,3 +594,20 @@ def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
     r = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
                        text=True, timeout=120)
     assert r.stderr.strip().splitlines()[-1] == "ACTIVE True"
+
+
+def test_ct_simulate_finer_records_the_simulation_and_refuses_fan_and_measured(phantom, tmp_path, capsys):
+    rc, _ = _run(["ct", phantom, "--views", 8, "--simulate-finer", 2, "--method", "tv", "--param", "n_iter=50",
+                  "--out", tmp_path / "f"], capsys)
+    assert rc == 0
+    run = json.loads((tmp_path / "f" / "run.json").read_text())
+    assert run["measurement"]["simulated_with"].startswith("FinerGridProjection(factor=2")
+    rc, _ = _run(["ct", phantom, "--views", 8, "--method", "tv", "--param", "n_iter=50", "--out", tmp_path / "m"],
+                 capsys)
+    matched = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert "simulated_with" not in matched["measurement"]
+    mf, mm = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("f", "m"))
+    assert mf["psnr"] != mm["psnr"]  # other data, same reconstruction operator
+    rc, err = _run(["ct", phantom, "--views", 8, "--simulate-finer", 2, "--geometry", "fan", "--method", "fbp",
+                    "--out", tmp_path / "fan"], capsys)
+    assert rc == 2 and "--simulate-finer" in err and not (tmp_path / "fan").exists()
