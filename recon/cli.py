@@ -298,24 +298,30 @@ def run_likelihood(args):
 def add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks (operators; fuzz: damaged files through every reader; "
                                       "calibration: posterior std vs error; references: baselines vs SigPy/skimage)")
-    p.add_argument("what", choices=["operators", "fuzz", "calibration", "references", "volumes"])
+    p.add_argument("what", choices=["operators", "fuzz", "calibration", "references", "volumes", "bands"])
     p.add_argument("--data", default="../shared/data", metavar="DIR",
                    help="calibration/references: the shared data folder (default ../shared/data)")
-    p.add_argument("--task", choices=["ct", "mri"], default="ct", help="calibration: task (default ct)")
+    p.add_argument("--task", choices=["ct", "mri"], default="ct", help="calibration, bands: task (default ct)")
+    p.add_argument("--per-series", type=_positive_int, default=4,
+                   help="bands: slices per --series, evenly spread (default 4)")
+    p.add_argument("--sigmas", default=None, metavar="S1,S2,...",
+                   help="bands: noise levels on the [0, 1] scale (default 0.01,0.02,0.05,0.1,0.2,0.4,0.8,1.6)")
     p.add_argument("--samples", type=_positive_int, default=8, help="calibration: posterior samples (default 8)")
     p.add_argument("--accel", type=_positive_float, default=8.0, help="references: MRI acceleration (default 8)")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="calibration/references: JSON results here; volumes: output folder (default bench_volumes)")
+                   help="calibration/references/bands: JSON results here; volumes: output folder (default bench_volumes)")
     p.add_argument("--sizes", default="256,512")
     p.add_argument("--views", default=None, help="operators: view counts (default 23,90,180); volumes: (default 8,23)")
     p.add_argument("--series", action="append", default=None, metavar="PATH",
-                   help="volumes: a CT series (repeatable; default ct/val/ge_head and ct/val/lung_pet_ct_dx in --data)")
+                   help="volumes, bands: a series (repeatable; volumes default ct/val/ge_head and ct/val/lung_pet_ct_dx "
+                        "in --data)")
     p.add_argument("--methods", default="fbp,tv,tv3d,score-fast:z_weight=0,score-fast",
                    help="volumes: methods, NAME or NAME:key=value;key=value (recon.bench_volumes)")
     p.add_argument("--size", type=_positive_int, default=128, help="volumes: working size (default 128)")
     p.add_argument("--slices", default=None, metavar="a:b", help="volumes: slice range (default all)")
     p.add_argument("--batch-slices", type=_positive_int, default=4, help="volumes: slices per method call")
-    p.add_argument("--prior", default=None, help="volumes: score prior (default ct)")
+    p.add_argument("--prior", default=None, help="volumes, bands: score prior (default ct; bands with --task mri: "
+                                                  "brain-mri)")
     p.add_argument("--photons", type=_positive_float, default=None, help="volumes: Poisson noise I0 (default none)")
     p.add_argument("--volume-task", choices=["ct", "mri"], default="ct",
                    help="volumes: ct (levels = --views) or mri (levels = accelerations, --views 4,8 means 4x, 8x; "
@@ -349,6 +355,15 @@ def run_bench(args):
                       [m for m in args.methods.split(",") if m], args.out or "bench_volumes", size=args.size,
                       slices=args.slices, batch=args.batch_slices, prior=args.prior, photons=args.photons,
                       log=lambda m: print(m, file=sys.stderr), task_name=args.volume_task)
+        return 0
+    if args.what == "bands":
+        from recon.bench_bands import DEFAULT_SIGMAS, bench_bands
+
+        sigmas = _numbers(args.sigmas, "--sigmas") if args.sigmas else DEFAULT_SIGMAS
+        if any(not s > 0 for s in sigmas):
+            raise ReconError(f"--sigmas must all be > 0, got {args.sigmas}")
+        bench_bands(args.series or [], args.prior or ("ct" if args.task == "ct" else "brain-mri"), args.task,
+                    args.per_series, sigmas, out=args.out, log=lambda m: print(m, file=sys.stderr))
         return 0
     if args.what == "fuzz":
         from recon.fuzz import fuzz_readers
@@ -407,6 +422,10 @@ def _ct_options(p):
                    help="angular range covered by the views in degrees (default: 180 parallel, 360 fan)")
     g.add_argument("--geometry", choices=["parallel", "fan"], default="parallel",
                    help="beam geometry (default: parallel)")
+    g.add_argument("--simulate-finer", type=_positive_int, default=1, metavar="K",
+                   help="simulate the sinogram on a K-times finer pixel grid with K detector sub-bins per "
+                        "bin than the reconstruction uses (parallel beam; avoids the inverse crime); "
+                        "default 1: the reconstruction's own operator")
     g.add_argument("--source-distance", type=_positive_float, default=None, metavar="F",
                    help="fan beam: source to rotation axis, in multiples of the image width (default: the "
                         "scanner's DistanceSourceToPatient for DICOM input that has it, else 2)")
@@ -462,7 +481,8 @@ def _ct_acquisition(args):
                          fov=args.fov, sinogram=args.sinogram,
                          sinogram_units=args.sinogram_units or ("counts" if args.flat else "image"),
                          sigma_y=args.sigma_y, angles=args.angles, angle_units=args.angle_units,
-                         det_spacing=args.det_spacing, flat=args.flat, dark=args.dark, reference=args.reference)
+                         det_spacing=args.det_spacing, flat=args.flat, dark=args.dark, reference=args.reference,
+                         simulate_finer=args.simulate_finer)
 
 
 def _mri_acquisition(args):

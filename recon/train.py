@@ -460,6 +460,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 data_rng = st.get("data_rng")
         if rank == 0:
             log(f"resumed from {out} at step {step}")
+    meta.setdefault("name", out.stem)
     train_sde = sde_from_config(meta["sde"])
     meta["objective"] = cfg.objective
     net = model

@@ -254,3 +254,49 @@ def test_resuming_a_clipped_prior_with_full_range_records_the_change(tmp_path):
     meta = json.loads(c.with_suffix(".json").read_text())
     assert meta["full_range"] is True and "clipped below lo only" in meta["normalisation"]
     assert meta["normalisation_history"] == [{"until_step": 2, "normalisation": "HU window [lo, hi] -> [0, 1], clipped"}]
+
+
+# ---------------------------------------------------------------------------
+# recon bench bands
+# ---------------------------------------------------------------------------
+def test_recommended_split_is_the_first_level_where_the_whole_image_prior_matches():
+    from recon.bench_bands import recommended_split
+
+    rows = [{"sigma": 0.4, "whole_db": 20.0, "detail_db": 19.0}, {"sigma": 0.01, "whole_db": 30.0, "detail_db": 35.0},
+            {"sigma": 0.1, "whole_db": 25.0, "detail_db": 25.0}]
+    assert recommended_split(rows) == 0.1
+    assert recommended_split([{"sigma": 0.1, "whole_db": 1.0, "detail_db": 2.0}]) is None
+
+
+def test_bench_bands_measures_both_denoisers_on_a_series_at_its_own_grid(tmp_path):
+    from recon.bench_bands import bench_bands
+    from recon.multiscale import for_data
+
+    data = _write_ct_series(tmp_path / "ct", [(44, 44)] * 3)
+    whole = tiny_whole()
+    whole.detail_prior = tiny_detail()
+    out = tmp_path / "bands.json"
+    res = bench_bands([data], whole, "ct", per_series=2, sigmas=(0.05, 0.5), out=out, log=lambda m: None)
+    saved = json.loads(out.read_text())
+    assert saved["table"] == res["table"] and saved["detail_prior"] == "tiny-detail"
+    assert [r["sigma"] for r in res["table"]] == [0.05, 0.5] and all(r["n"] == 2 for r in res["table"])
+    assert all(r["shape"] == [44, 44] for r in res["rows"])  # the data's own matrix, no resize
+    # the two columns are the two denoisers, not one of them twice
+    r = res["rows"][0]
+    assert r["whole_db"] != r["detail_db"]
+    # 'whole' is the sampler's denoiser with the detail prior off: recompute one entry
+    from recon.case import load_source
+    from recon.io import read_input
+    from recon.tasks import TASKS
+
+    vol = read_input(data)
+    truth = TASKS["ct"].prepare(load_source(data, slice_index=r["slice"], volume=vol), None)
+    x = torch.from_numpy(truth.x)[None].float()
+    g = torch.Generator().manual_seed(r["slice"] * 101)
+    xn = x + 0.05 * torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        d = for_data(whole, x.shape[-2:], truth.pixel_mm, detail_below=0).denoise(xn, 0.05)
+    mse = float(((d.clamp(0, 1) - x.clamp(0, 1)) ** 2).mean())
+    assert abs(10 * np.log10(1 / mse) - r["whole_db"]) < 1e-4
+    with pytest.raises(ReconError, match="no detail prior"):
+        bench_bands([data], tiny_whole(), "ct", log=lambda m: None)
