@@ -212,8 +212,26 @@ def add_sample(sub):
     p.add_argument("--real", action="append", default=None,
                    help="folder of real images: show as many of them (same size, same normalisation) "
                         "in a second row of samples.png (repeatable)")
+    p.add_argument("--size", default=None, metavar="H[,W]",
+                   help="sample at this matrix with the multi-scale denoiser (the prior at its own scale, its "
+                        "detail prior at the fine levels), as the score methods reconstruct such data; "
+                        "default: the prior's own image_size. With --real, real images of exactly this "
+                        "matrix are shown")
+    p.add_argument("--pixel-mm", type=_positive_float, default=None, metavar="MM",
+                   help="with --size: the pixel size the samples stand for (decides whether the detail "
+                        "prior applies, as for data)")
     common_options(p)
     return p
+
+
+def _sample_size(text):
+    try:
+        parts = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 8:
+        raise ReconError(f"--size must be H or H,W with both >= 8, got {text!r}")
+    return (parts[0], parts[-1])
 
 
 def run_sample(args):
@@ -226,13 +244,25 @@ def run_sample(args):
     device = resolve_device(args.device)
     prior = load_prior(args.prior, device=device)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    shape = (args.n, prior.image_size, prior.image_size)
+    hw = (prior.image_size, prior.image_size) if args.size is None else _sample_size(args.size)
+    model = prior
+    if args.size is not None:
+        from recon.multiscale import for_data
+
+        model = for_data(prior, hw, args.pixel_mm)
+        d = model.describe()
+        log(args, f"sampling {hw[0]}x{hw[1]}: {d.get('action', '')}; detail prior "
+                  f"{d.get('detail_prior') or 'none'} ({d.get('detail_from') or 'not used'})")
+    shape = (args.n, *hw)
+    sde = model.sde
     with torch.no_grad():
         if args.sampler == "pc":
-            x = pc_sample(prior, shape, n_steps=args.steps or 500, snr=args.snr, generator=g, device=device,
-                          sde=prior.sde)
+            x = pc_sample(model, shape, n_steps=args.steps or 500, snr=args.snr, generator=g, device=device,
+                          sde=sde)
         else:
-            x = ode_sample(prior, shape, n_steps=args.steps or 40, generator=g, device=device)
+            lo, hi = (sde.sigma_min, sde.sigma_max) if hasattr(sde, "sigma_max") else (0.002, 20.0)
+            x = ode_sample(model, shape, n_steps=args.steps or 40, sigma_min=lo, sigma_max=hi, generator=g,
+                           device=device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arr = x.clamp(0, 1).cpu().numpy()
@@ -243,9 +273,19 @@ def run_sample(args):
     if args.real:
         from recon.train import load_image_folder
 
-        real, _ = load_image_folder(args.real, prior.meta.get("modality", "ct"), prior.image_size,
-                                    prior.window or (-1000.0, 1000.0), max_images=args.n, seed=args.seed)
-        images += [r[0].numpy() for r in real[: args.n]]
+        if args.size is None:
+            real, _ = load_image_folder(args.real, prior.meta.get("modality", "ct"), prior.image_size,
+                                        prior.window or (-1000.0, 1000.0), max_images=args.n, seed=args.seed)
+            real = [r[0].numpy() for r in real[: args.n]]
+        else:
+            from recon.train import load_native_images
+
+            found, _, _ = load_native_images(args.real, prior.meta.get("modality", "ct"),
+                                             prior.window or (-1000.0, 1000.0), seed=args.seed, min_side=min(hw))
+            real = [r.clamp(0, 1).numpy() for r in found if tuple(r.shape) == hw][: args.n]
+            if not real:
+                raise ReconError(f"--real: no image of exactly {hw[0]}x{hw[1]} under {', '.join(args.real)}")
+        images += real
         labels = ["samples", "real"]
     save_grid(images, out / "samples.png", ncols=args.n, row_labels=labels)
     log(args, f"wrote {args.n} samples to {out}")

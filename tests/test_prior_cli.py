@@ -30,6 +30,28 @@ def test_sample_writes_grid_with_real_row(tmp_path):
     assert np.array_equal(np.load(out2 / "samples.npy"), arr)
 
 
+def test_sample_at_a_chosen_matrix_uses_the_multiscale_denoiser_and_shows_real_images_of_it(tmp_path, capsys):
+    prior = _tiny_prior_file(tmp_path, size=16, modality="mri")
+    real = tmp_path / "real"
+    real.mkdir()
+    from skimage.io import imsave
+
+    for i, shape in enumerate([(40, 28), (40, 28), (30, 30)]):
+        imsave(real / f"r{i}.png", (np.random.default_rng(i).random(shape) * 255).astype(np.uint8),
+               check_contrast=False)
+    out = tmp_path / "s"
+    assert main(["sample", "--prior", str(prior), "--n", "2", "--sampler", "ode", "--steps", "3", "--size", "40,28",
+                 "--real", str(real), "--out", str(out), "--device", "cpu"]) == 0
+    arr = np.load(out / "samples.npy")
+    assert arr.shape == (2, 40, 28) and np.isfinite(arr).all()
+    assert "sampling 40x28" in capsys.readouterr().err
+    assert main(["sample", "--prior", str(prior), "--n", "1", "--sampler", "ode", "--steps", "2", "--size", "33",
+                 "--real", str(real), "--out", str(tmp_path / "s3"), "--device", "cpu"]) == 2
+    assert "33" in capsys.readouterr().err  # no real image of that size: one clear error
+    assert main(["sample", "--prior", str(prior), "--size", "4,x", "--out", str(tmp_path / "s4")]) == 2
+    assert "--size must be H or H,W" in capsys.readouterr().err
+
+
 def test_likelihood_reports_bits_per_dim(tmp_path, monkeypatch):
     """`recon likelihood` with an analytic Gaussian prior reproduces the closed-form density.
 
