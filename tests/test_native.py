@@ -114,6 +114,36 @@ def test_for_data_attaches_the_detail_prior_only_where_it_applies():
     assert for_data(whole, (64, 64)).detail_below == 0.1
 
 
+def test_the_split_level_given_on_the_command_line_reaches_the_sampler_and_the_record(tmp_path):
+    from recon.cli import main
+
+    whole = tiny_whole()
+    whole.meta = {**whole.meta, "detail_prior": "tiny-detail"}
+    prior = save_prior(whole, tmp_path / "w.safetensors")
+    save_prior(tiny_detail(), tmp_path / "tiny-detail.safetensors")
+    img = tmp_path / "x.npy"
+    np.save(img, np.random.default_rng(0).uniform(0, 1, (40, 40)).astype(np.float32))
+    outs = {}
+    for below in (None, "0", "0.5", "1000"):  # levels 7.5, 2.8, 0.92, 0.24, 0.045, 0.005
+        out = tmp_path / f"r{below}"
+        args = ["ct", str(img), "--views", "8", "--method", "score-fast", "--prior", str(prior),
+                "--param", "n_steps=6", "--out", str(out), "--quiet"]
+        if below is not None:
+            args += ["--param", f"detail_below={below}"]
+        assert main(args) == 0
+        run = json.loads((out / "run.json").read_text())
+        want = 0.2 if below is None else float(below)  # the default split, else the one asked for
+        assert run["prior_scale"]["detail_below"] == want
+        assert (run["prior_scale"]["detail_prior"] is None) == (want == 0)
+        import nibabel as nib
+
+        outs[below] = np.asarray(nib.load(out / "recon.nii.gz").dataobj)
+    keys = list(outs)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not np.array_equal(outs[a], outs[b]), (a, b)
+
+
 # ---------------------------------------------------------------------------
 # loading
 # ---------------------------------------------------------------------------
@@ -158,6 +188,8 @@ def test_every_score_method_runs_with_a_detail_prior_at_odd_sizes(method):
         off = get_method(method)(y, op, prior=whole, n_steps=4, seed=0, detail_below=0)
         assert out.shape == (1, *shape) and torch.isfinite(out).all()
         assert not torch.equal(out, off)  # the detail prior took part
+        every = get_method(method)(y, op, prior=whole, n_steps=4, seed=0, detail_below=1e3)
+        assert not torch.equal(out, every)  # the split level matters, not only on/off
     with pytest.raises(ReconError, match="detail_below"):
         get_method(method)(y, op, prior=whole, n_steps=2, detail_below=-1)
 
