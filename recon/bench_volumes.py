@@ -30,6 +30,8 @@ import numpy as np
 
 from recon.errors import ReconError
 
+from recon.metrics import clinical_window_for  # noqa: E402,F401 (re-exported)
+
 __all__ = ["bench_volumes", "parse_method_spec", "clinical_window_for"]
 
 DEFAULT_SERIES = ("ct/val/ge_head", "ct/val/lung_pet_ct_dx")
@@ -44,16 +46,6 @@ def parse_method_spec(text: str) -> tuple[str, dict]:
     if not name.strip():
         raise ReconError(f"--methods: empty method name in {text!r}")
     return name.strip(), parse_params([p for p in rest.split(";") if p.strip()]).get(None, {})
-
-
-def clinical_window_for(body_part: str | None) -> list[str]:
-    """The clinical windows that matter for a DICOM BodyPartExamined (first: the one to show)."""
-    part = (body_part or "").upper()
-    if any(k in part for k in ("HEAD", "BRAIN", "SKULL")):
-        return ["brain"]
-    if any(k in part for k in ("CHEST", "LUNG", "THORAX")):
-        return ["lung", "soft_tissue"]
-    return ["soft_tissue"]
 
 
 def _body_part(path) -> str | None:

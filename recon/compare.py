@@ -126,10 +126,29 @@ def _acq_summary(acq) -> str:
     return ", ".join(f"{k}={v}" for k, v in acq.describe().items() if v is not None)
 
 
+def figure_window(truth) -> tuple[float, float, str]:
+    """Display window of a case's figure on the [0, 1] scale, and its name: CT (HU) in the
+    clinical window of its DICOM BodyPartExamined (brain for heads, lung for the chest, else
+    soft tissue), as a radiologist reads it; other images on [0, 1]."""
+    from recon.metrics import CLINICAL_WINDOWS, clinical_window_for
+
+    if truth.units != "HU":
+        return 0.0, 1.0, ""
+    ref = getattr(truth.source, "reference", None)
+    datasets = getattr(ref, "datasets", None) or []
+    part = str(datasets[0].get("BodyPartExamined") or "") if datasets else ""
+    name = clinical_window_for(part)[0]
+    lo, hi = CLINICAL_WINDOWS[name]
+    wlo, whi = truth.window
+    return (lo - wlo) / (whi - wlo), (hi - wlo) / (whi - wlo), f"{name} window [{lo:g}, {hi:g}] HU"
+
+
 def save_case_figure(res: CaseResult, path: Path, title: str):
     from recon.figures import save_comparison
 
-    save_comparison(res.truth.x, res.recons, res.metrics, path, title=title)
+    vmin, vmax, shown = figure_window(res.truth)
+    save_comparison(res.truth.x, res.recons, res.metrics, path, title=f"{title}; {shown}" if shown else title,
+                    vmin=vmin, vmax=vmax)
 
 
 def _discover(data, manifest_entries, slices, max_cases, shard):

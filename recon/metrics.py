@@ -158,6 +158,17 @@ def compute_metrics(recon: np.ndarray, truth: np.ndarray) -> dict:
 CLINICAL_WINDOWS = {"brain": (0.0, 80.0), "soft_tissue": (-160.0, 240.0), "lung": (-1350.0, 150.0)}
 
 
+def clinical_window_for(body_part: str | None) -> list[str]:
+    """The clinical windows that matter for a DICOM BodyPartExamined (first: the one to show)."""
+    part = (body_part or "").upper()
+    if any(k in part for k in ("HEAD", "BRAIN", "SKULL")):
+        return ["brain"]
+    if any(k in part for k in ("CHEST", "LUNG", "THORAX")):
+        return ["lung", "soft_tissue"]
+    return ["soft_tissue"]
+
+
+
 def hu_metrics(recon_hu: np.ndarray, truth_hu: np.ndarray) -> dict:
     """CT in clinical terms: RMSE in HU over the full range (nothing clipped), and PSNR/SSIM
     inside each clinical window of :data:`CLINICAL_WINDOWS` (both images mapped to the window

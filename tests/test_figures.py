@@ -41,3 +41,20 @@ def test_error_scale_follows_best_method(tmp_path):
     # a perfect method does not collapse the scale to zero; non-finite methods are ignored
     s, ref = error_scale(truth, {"exact": truth.copy(), "nan": truth * np.nan})
     assert ref == "exact" and s == pytest.approx(0.01)
+
+
+def test_ct_figures_show_each_case_in_its_clinical_window():
+    from types import SimpleNamespace
+
+    from recon.compare import figure_window
+
+    def truth(part, units="HU"):
+        ds = {"BodyPartExamined": part}
+        src = SimpleNamespace(reference=SimpleNamespace(datasets=[ds]))
+        return SimpleNamespace(units=units, window=(-1000.0, 1000.0), source=src)
+
+    lo, hi, name = figure_window(truth("HEAD"))
+    assert (lo, hi) == (0.5, 0.54) and name.startswith("brain")      # [0, 80] HU
+    assert figure_window(truth("CHEST"))[2].startswith("lung")
+    assert figure_window(truth(""))[2].startswith("soft_tissue")       # unknown body part
+    assert figure_window(truth("HEAD", units="intensity")) == (0.0, 1.0, "")  # MRI, inpainting: [0, 1]
