@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from recon.errors import ReconError
-
-from recon.metrics import clinical_window_for  # noqa: E402,F401 (re-exported)
+from recon.metrics import clinical_window_for, clinical_windows_of
 
 __all__ = ["bench_volumes", "parse_method_spec", "clinical_window_for"]
 
@@ -46,16 +45,6 @@ def parse_method_spec(text: str) -> tuple[str, dict]:
     if not name.strip():
         raise ReconError(f"--methods: empty method name in {text!r}")
     return name.strip(), parse_params([p for p in rest.split(";") if p.strip()]).get(None, {})
-
-
-def _body_part(path) -> str | None:
-    from recon.io import read_input
-
-    try:
-        vol = read_input(path)
-        return str(vol.datasets[0].get("BodyPartExamined") or "") if vol.datasets else None
-    except ReconError:
-        return None
 
 
 def _figure(planes: dict, title: str, window_hu, unit_window, path: Path) -> None:
@@ -116,7 +105,7 @@ def bench_volumes(data: str, series: list[str] | None, views: list[int], methods
     for path in paths:
         vol = read_input(path)
         a, b = parse_slices(slices, vol.n_slices, path)
-        windows = clinical_window_for(_body_part(path)) if ct else []
+        windows = clinical_windows_of(vol) if ct else []
         for v in views:
             # MRI: the fastMRI convention for the fully sampled centre, 0.32 / R (4x: 8 %, 8x: 4 %)
             acq = (CTAcquisition(views=v, photons=photons) if ct
@@ -146,7 +135,7 @@ def bench_volumes(data: str, series: list[str] | None, views: list[int], methods
                     f"{row['ssim_coronal'] or float('nan'):.3f}/{row['ssim_sagittal'] or float('nan'):.3f}"
                     f"{hu}, {row['seconds_per_slice']:.1f} s/slice")
                 planes[label] = {"label": label, "dir": case_out, "window": rec["window"]}
-            _write_figure(path, level, planes, windows[0] if windows else None, task, size, a, b, out)
+            _write_figure(path, vol, level, planes, windows[0] if windows else None, task, size, a, b, out)
     write_json(out / "volumes.json", results)
     write_text(out / "volumes.md", _markdown(results))
     return {"rows": results}
@@ -160,7 +149,8 @@ def _finished(folder: Path, fp: str) -> dict | None:
     return rec if rec.get("fingerprint") == fp else None
 
 
-def _write_figure(path, level, planes, window_name, task, size, a, b, out):
+def _write_figure(path, vol, level, planes, window_name, task, size, a, b, out):
+    """``vol``: the volume already read from ``path`` (not read again)."""
     from recon.case import load_source
     from recon.io import read_input
     from recon.metrics import CLINICAL_WINDOWS
@@ -168,8 +158,8 @@ def _write_figure(path, level, planes, window_name, task, size, a, b, out):
     rows = {}
     first = next(iter(planes.values()))
     unit_window = first["window"] or ([-1000.0, 1000.0] if window_name else [0.0, 1.0])
-    truth = task.prepare(load_source(path, None, a, n_slices=b - a), size, tuple(unit_window), "auto")
-    aspect = float(read_input(path).spacing[0]) / truth.pixel_mm
+    truth = task.prepare(load_source(path, None, a, n_slices=b - a, volume=vol), size, tuple(unit_window), "auto")
+    aspect = float(vol.spacing[0]) / truth.pixel_mm
 
     def three(vol):
         z, y, x = vol.shape

@@ -260,9 +260,8 @@ def run_sample(args):
             x = pc_sample(model, shape, n_steps=args.steps or 500, snr=args.snr, generator=g, device=device,
                           sde=sde)
         else:
-            lo, hi = (sde.sigma_min, sde.sigma_max) if hasattr(sde, "sigma_max") else (0.002, 20.0)
-            x = ode_sample(model, shape, n_steps=args.steps or 40, sigma_min=lo, sigma_max=hi, generator=g,
-                           device=device)
+            span = {"sigma_min": sde.sigma_min, "sigma_max": sde.sigma_max} if hasattr(sde, "sigma_max") else {}
+            x = ode_sample(model, shape, n_steps=args.steps or 40, generator=g, device=device, **span)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arr = x.clamp(0, 1).cpu().numpy()

@@ -130,14 +130,11 @@ def figure_window(truth) -> tuple[float, float, str]:
     """Display window of a case's figure on the [0, 1] scale, and its name: CT (HU) in the
     clinical window of its DICOM BodyPartExamined (brain for heads, lung for the chest, else
     soft tissue), as a radiologist reads it; other images on [0, 1]."""
-    from recon.metrics import CLINICAL_WINDOWS, clinical_window_for
+    from recon.metrics import CLINICAL_WINDOWS, clinical_windows_of
 
     if truth.units != "HU":
         return 0.0, 1.0, ""
-    ref = getattr(truth.source, "reference", None)
-    datasets = getattr(ref, "datasets", None) or []
-    part = str(datasets[0].get("BodyPartExamined") or "") if datasets else ""
-    name = clinical_window_for(part)[0]
+    name = clinical_windows_of(getattr(truth.source, "reference", None))[0]
     lo, hi = CLINICAL_WINDOWS[name]
     wlo, whi = truth.window
     return (lo - wlo) / (whi - wlo), (hi - wlo) / (whi - wlo), f"{name} window [{lo:g}, {hi:g}] HU"

@@ -168,6 +168,12 @@ def clinical_window_for(body_part: str | None) -> list[str]:
     return ["soft_tissue"]
 
 
+def clinical_windows_of(volume) -> list[str]:
+    """:func:`clinical_window_for` the BodyPartExamined of a read volume (``recon.io.Volume``,
+    DICOM; any other volume, or None, has no body part: soft tissue)."""
+    datasets = getattr(volume, "datasets", None) or []
+    return clinical_window_for(str(datasets[0].get("BodyPartExamined") or "") if datasets else None)
+
 
 def hu_metrics(recon_hu: np.ndarray, truth_hu: np.ndarray) -> dict:
     """CT in clinical terms: RMSE in HU over the full range (nothing clipped), and PSNR/SSIM

@@ -115,6 +115,8 @@ def test_for_data_attaches_the_detail_prior_only_where_it_applies():
 
 
 def test_the_split_level_given_on_the_command_line_reaches_the_sampler_and_the_record(tmp_path):
+    import nibabel as nib
+
     from recon.cli import main
 
     whole = tiny_whole()
@@ -135,8 +137,6 @@ def test_the_split_level_given_on_the_command_line_reaches_the_sampler_and_the_r
         want = 0.2 if below is None else float(below)  # the default split, else the one asked for
         assert run["prior_scale"]["detail_below"] == want
         assert (run["prior_scale"]["detail_prior"] is None) == (want == 0)
-        import nibabel as nib
-
         outs[below] = np.asarray(nib.load(out / "recon.nii.gz").dataobj)
     keys = list(outs)
     for i, a in enumerate(keys):
