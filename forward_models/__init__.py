@@ -11,7 +11,8 @@ from .kind import inpainting_mask, operator_kind
 from .masks import (INPAINT_MASKS, MRI_MASKS, BoxMask, EquispacedMask, Gaussian1DMask,
                     Gaussian2DMask, Mask, PoissonDiscMask, RandomMask, RandomPixelMask,
                     StrokeMask)
-from .mri import FFT2c, CartesianMRI, SenseMRI, estimate_sensitivity_maps, fft2c, ifft2c
+from .mri import (FFT2c, CartesianMRI, PhaseModulated, SenseMRI, centred_block, estimate_sensitivity_maps, fft2c,
+                  ifft2c, smooth_phase)
 from .noise import GaussianNoise, PoissonNoise
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "check_tensor", "complex_dtype", "real_dtype", "operator_kind", "inpainting_mask",
     "ParallelBeamCT", "FanBeamCT", "FinerGridProjection", "view_angles",
     "FFT2c", "CartesianMRI", "SenseMRI", "estimate_sensitivity_maps", "fft2c", "ifft2c",
+    "PhaseModulated", "smooth_phase", "centred_block",
     "Inpainting",
     "Mask", "EquispacedMask", "RandomMask", "Gaussian1DMask", "Gaussian2DMask", "PoissonDiscMask",
     "BoxMask", "RandomPixelMask", "StrokeMask", "MRI_MASKS", "INPAINT_MASKS",

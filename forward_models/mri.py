@@ -12,7 +12,8 @@ import torch
 
 from .base import Decomposition, LinearOperator, cgls, check_tensor
 
-__all__ = ["fft2c", "ifft2c", "FFT2c", "CartesianMRI", "SenseMRI", "estimate_sensitivity_maps"]
+__all__ = ["fft2c", "ifft2c", "FFT2c", "CartesianMRI", "SenseMRI", "estimate_sensitivity_maps",
+           "centred_block", "smooth_phase", "PhaseModulated"]
 
 _DIMS = (-2, -1)
 
@@ -201,3 +202,133 @@ def estimate_sensitivity_maps(kspace: torch.Tensor, calib_size: int = 24,
     thresh = floor * rss.max().clamp_min(torch.finfo(real).tiny)
     maps = low / torch.maximum(rss, thresh)
     return maps * (rss >= thresh)
+
+
+# ---------------------------------------------------------------------------
+# the object's smooth phase, for real-valued (magnitude) priors on complex data
+# ---------------------------------------------------------------------------
+def centred_block(mask) -> tuple[int, int] | None:
+    """Half-sizes ``(a, b)`` of the largest fully sampled block of ``mask`` ``(H, W)`` that is
+    symmetric about the k-space centre ``(H//2, W//2)``: rows ``H//2 - a .. H//2 + a``, columns
+    ``W//2 - b .. W//2 + b``, all sampled, of largest area.  ``None`` when the centre itself is
+    not sampled.  A Cartesian line mask (all rows of its central columns) gives a tall block."""
+    m = _as_mask(mask).bool()
+    H, W = m.shape
+    rc, cc = H // 2, W // 2
+    if not bool(m[rc, cc]):
+        return None
+    a_max, b_max = min(rc, H - 1 - rc), min(cc, W - 1 - cc)
+    full = m[rc].clone()
+    best, best_area = (0, 0), -1
+    for a in range(a_max + 1):
+        if a:
+            full &= m[rc - a] & m[rc + a]
+        if not bool(full[cc]):
+            break
+        left = full[:cc + 1].flip(0)
+        right = full[cc:]
+        run_l = int(left.logical_not().nonzero()[0]) if not bool(left.all()) else left.numel()
+        run_r = int(right.logical_not().nonzero()[0]) if not bool(right.all()) else right.numel()
+        b = min(run_l - 1, run_r - 1, b_max)
+        area = (2 * a + 1) * (2 * b + 1)
+        if area > best_area:
+            best, best_area = (a, b), area
+    return best
+
+
+#: a block narrower than this (half-size, pixels) in either direction gives no phase estimate
+MIN_PHASE_BLOCK = 2
+#: an item whose low-resolution image has less imaginary energy than this fraction is real
+#: (magnitude-simulated data): its phase is taken as 0, not as the 0/pi of its ringing
+REAL_IMAGE_TOL = 1e-3
+
+
+def smooth_phase(op: LinearOperator, y: torch.Tensor) -> torch.Tensor | None:
+    """The object's smooth phase ``(B, H, W)`` from the fully sampled k-space centre of ``y``.
+
+    ``op`` is a Cartesian or SENSE MRI operator with a ``mask`` ``(H, W)`` (SENSE: its maps
+    combine the coils).  Inside the largest centred fully sampled block (:func:`centred_block`)
+    the data are weighted by a Gaussian of std half the block's half-size in each direction,
+    zero outside it, and brought back to the image by the adjoint: a low-resolution image whose
+    angle is the phase, estimated only from measured samples (so no aliasing enters it).
+    Items whose low-resolution image is real (data simulated from a magnitude image) get phase
+    0.  ``None`` when the mask has no usable centre block (no phase can be estimated)."""
+    mask = getattr(op, "mask", None)
+    if mask is None:
+        return None
+    mask = mask.reshape(mask.shape[-2:]) if mask.dim() > 2 else mask
+    block = centred_block(mask.cpu())
+    if block is None or min(block) < MIN_PHASE_BLOCK:
+        return None
+    a, b = block
+    H, W = mask.shape
+    real = y.real.dtype
+    rr = torch.arange(H, dtype=real, device=y.device) - H // 2
+    cc = torch.arange(W, dtype=real, device=y.device) - W // 2
+    win = torch.exp(-0.5 * (rr[:, None] / (a / 2)) ** 2 - 0.5 * (cc[None, :] / (b / 2)) ** 2)
+    win = win * ((rr.abs() <= a)[:, None] & (cc.abs() <= b)[None, :])
+    low = op._adjoint(_complex(y) * win)
+    phase = torch.angle(low)
+    energy = low.abs().pow(2).flatten(1).sum(1)
+    imag = low.imag.pow(2).flatten(1).sum(1)
+    is_real = imag <= REAL_IMAGE_TOL * energy.clamp_min(torch.finfo(real).tiny)
+    return torch.where(is_real.view(-1, 1, 1), torch.zeros_like(phase), phase)
+
+
+class PhaseModulated(LinearOperator):
+    """``A' x = A(e^{i phi} x)``: the operator ``op`` seen by a real image ``x`` with a known
+    phase ``phi`` ``(B, *in_shape)`` or ``(*in_shape)``; ``A'^H y = e^{-i phi} A^H y``.
+
+    A real-valued (magnitude) prior cannot represent an object with phase: fitting a real
+    image to complex data fits its real part.  With the smooth phase of the object (estimated
+    from the fully sampled centre, :func:`smooth_phase`) the unknown is the magnitude and the
+    data step stays linear.  ``decompose()`` keeps ``op``'s mask and wraps its ``T``, so the
+    projection sampler works unchanged; ``inverse`` (of a wrapped ``T``) carries ``x0`` into
+    ``T``'s domain and back."""
+
+    is_complex_input = True
+    is_complex_output = True
+
+    def __init__(self, op: LinearOperator, phase: torch.Tensor):
+        phase = torch.as_tensor(phase)
+        if phase.is_complex():
+            raise ValueError("phase must be real (radians), got a complex tensor")
+        if tuple(phase.shape[-len(op.in_shape):]) != tuple(op.in_shape) or phase.dim() > len(op.in_shape) + 1:
+            raise ValueError(f"phase has shape {tuple(phase.shape)}, expected {tuple(op.in_shape)} "
+                             f"or (B, {', '.join(map(str, op.in_shape))})")
+        if not torch.isfinite(phase).all():
+            raise ValueError("phase contains NaN or infinite values")
+        super().__init__(op.in_shape, op.out_shape)
+        self.op = op
+        self.modality = getattr(op, "modality", None)
+        if phase.dim() == len(op.in_shape):
+            phase = phase[None]
+        self.register_buffer("phase", phase.contiguous())
+        self.is_complex_output = op.is_complex_output
+
+    def _carrier(self, t):
+        return torch.polar(torch.ones_like(self.phase), self.phase).to(device=t.device, dtype=t.dtype)
+
+    def _forward(self, x):
+        x = _complex(x)
+        return self.op._forward(self._carrier(x) * x)
+
+    def _adjoint(self, y):
+        out = _complex(self.op._adjoint(y))
+        return self._carrier(out).conj() * out
+
+    def inverse(self, z, x0=None, **options):
+        """``e^{-i phi} T^{-1} z`` for a wrapped transform ``T`` (started at ``e^{i phi} x0``)."""
+        if x0 is not None:
+            x0 = _complex(x0)
+            x0 = self._carrier(x0) * x0
+        u = _complex(self.op.inverse(z, x0=x0, **options))
+        return self._carrier(u).conj() * u
+
+    def decompose(self) -> Decomposition:
+        dec = self.op.decompose()
+        return Decomposition(PhaseModulated(dec.T, self.phase), dec.mask, dec.embed)
+
+    @property
+    def mask(self):
+        return getattr(self.op, "mask", None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from forward_models import (MRI_MASKS, Adjoint, CartesianMRI, Compose, FanBeamCT, FinerGridProjection, Inpainting,
-                            ParallelBeamCT, RandomPixelMask, Scaled, SenseMRI, view_angles)
+                            ParallelBeamCT, PhaseModulated, RandomPixelMask, Scaled, SenseMRI, view_angles)
 
 
 
@@ -58,6 +58,10 @@ def _maps(C=4, H=32, W=24, seed=0):
     return m / (m.abs() ** 2).sum(0).sqrt()
 
 
+def _phase(H=32, W=24, seed=4):
+    return torch.rand(H, W, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 6 - 3
+
+
 FACTORIES = {
     "ct-parallel-sparse23-even": lambda: ParallelBeamCT(32, view_angles(23)),
     "ct-parallel-sparse23-odd": lambda: ParallelBeamCT(33, view_angles(23)),
@@ -91,6 +95,10 @@ FACTORIES = {
     "decompose-T-fan": lambda: FanBeamCT(32, view_angles(36, arc_deg=360), 60, 100).decompose().T,
     "decompose-T-mri": lambda: CartesianMRI(_mask("equispaced")).decompose().T,
     "decompose-T-sense": lambda: SenseMRI(_maps(), _mask("random")).decompose().T,
+    "phase-modulated-cartesian": lambda: PhaseModulated(CartesianMRI(_mask("equispaced")), _phase()),
+    "phase-modulated-sense": lambda: PhaseModulated(SenseMRI(_maps(), _mask("poisson")), _phase()),
+    "decompose-T-phase-modulated-sense": lambda: PhaseModulated(SenseMRI(_maps(), _mask("random")),
+                                                                _phase()).decompose().T,
     "decompose-T-inpaint": lambda: Inpainting(RandomPixelMask(0.3)((20, 18))).decompose().T,
 }
 
