@@ -167,11 +167,18 @@ def denoise_tiled(prior, x: torch.Tensor, sigma, tile: int = DETAIL_TILE, overla
     return out / norm
 
 
-def detail_applies(detail, factor: float, pixel_mm: float | None = None) -> tuple[bool, str]:
+def detail_applies(detail, factor: float, pixel_mm: float | None = None,
+                   side: int | None = None) -> tuple[bool, str]:
     """Whether a detail prior (trained at native pixels) suits data of ``pixel_mm`` at ``factor``
-    native pixels per whole-image-prior pixel, and why: with both pixel sizes known, the data's
-    must lie within 1.5x of the detail prior's training range (``pixel_mm_range``); otherwise
-    the data must be much finer than the whole-image prior's grid (``factor`` >= 1.5)."""
+    native pixels per whole-image-prior pixel, and why.  In order:
+
+    * both pixel sizes known: the data's must lie within 1.5x of the detail prior's training
+      range (``pixel_mm_range``);
+    * pixel sizes unknown, the detail prior records the larger side of its training images
+      (``native_px_range``, 5th-95th percentile) and the data's larger ``side`` is given: it must
+      lie within 1.5x of that range (images of a similar matrix show anatomy at a similar pixel
+      scale: a brain prior trained on 224-px slices suits 149-336 px);
+    * else the data must be much finer than the whole-image prior's grid (``factor`` >= 1.5)."""
     meta = getattr(detail, "meta", {}) or {}
     rng = meta.get("pixel_mm_range") or ([meta["pixel_mm"]] * 2 if meta.get("pixel_mm") else None)
     if pixel_mm and rng:
@@ -179,6 +186,12 @@ def detail_applies(detail, factor: float, pixel_mm: float | None = None) -> tupl
         ok = lo <= float(pixel_mm) <= hi
         return ok, (f"{float(pixel_mm):.3g} mm pixels {'within' if ok else 'outside'} the detail prior's "
                     f"{lo:.3g}-{hi:.3g} mm (its training range within 1.5x)")
+    px = meta.get("native_px_range")
+    if side and px:
+        lo, hi = float(px[0]) / RESAMPLE_ABOVE, float(px[1]) * RESAMPLE_ABOVE
+        ok = lo <= float(side) <= hi
+        return ok, (f"pixel sizes unknown; the data's {int(side)} px side is {'within' if ok else 'outside'} "
+                    f"{lo:.0f}-{hi:.0f} px (the detail prior's training images' sides within 1.5x)")
     ok = factor >= RESAMPLE_ABOVE
     return ok, (f"pixel sizes unknown; the data are {factor:.3g}x finer than the whole-image prior's grid "
                 f"({'>=' if ok else '<'} {RESAMPLE_ABOVE})")
@@ -313,7 +326,7 @@ def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None =
     if detail is not None:
         meta = getattr(prior, "meta", {}) or {}
         below = float(meta.get("detail_below_sigma", DEFAULT_DETAIL_BELOW) if detail_below is None else detail_below)
-        ok, detail_how = detail_applies(detail, factor, pixel_mm)
+        ok, detail_how = detail_applies(detail, factor, pixel_mm, side=max(shape))
         if not ok:
             below = 0.0
         elif below == 0:

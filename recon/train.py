@@ -364,11 +364,17 @@ def _native_validation(images, patch: int, n: int = 64, seed: int = 4321):
     return native_patches(images, patch, n, torch.Generator().manual_seed(seed))
 
 
-def _pixel_summary(pixel_mm) -> dict:
+def _pixel_summary(pixel_mm, sides=()) -> dict:
+    """The training pixel size (median, 5th-95th percentile range) and, for data without pixel
+    sizes, the larger side of the training images (``native_px_range``, 5th-95th percentile)."""
+    out = {}
+    if len(sides):
+        s = np.asarray(sides, dtype=np.float64)
+        out["native_px_range"] = [int(round(np.percentile(s, 5))), int(round(np.percentile(s, 95)))]
     known = np.array([m for m in pixel_mm if m], dtype=np.float64)
     if not len(known):
-        return {"pixel_mm": None, "pixel_mm_from": "unknown (no pixel spacing in the training files)"}
-    return {"pixel_mm": round(float(np.median(known)), 3),
+        return {**out, "pixel_mm": None, "pixel_mm_from": "unknown (no pixel spacing in the training files)"}
+    return {**out, "pixel_mm": round(float(np.median(known)), 3),
             "pixel_mm_range": [round(float(np.percentile(known, 5)), 3), round(float(np.percentile(known, 95)), 3)],
             "pixel_mm_from": (f"median (5th-95th percentile) pixel spacing of the {len(known)} of "
                               f"{len(pixel_mm)} training images that state it, trained at native pixels")}
@@ -428,7 +434,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         **cfg.extra_meta,
     }
     if cfg.native:
-        meta.update(native=True, **_pixel_summary(pixel_mm))
+        meta.update(native=True, **_pixel_summary(pixel_mm, [max(v.shape[-2:]) for v in natives]))
     model = EDMDenoiser(UNet(**{k: v for k, v in arch.items() if k != "sigma_data"}), 0.5)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

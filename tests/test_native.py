@@ -102,6 +102,24 @@ def test_detail_prior_applies_by_pixel_size_or_else_by_scale():
     assert detail_applies(unknown, 2.0, 0.5)[0] and not detail_applies(unknown, 1.0, 0.5)[0]
 
 
+def test_detail_prior_without_pixel_sizes_applies_by_its_training_matrix():
+    """A brain prior trained on 224-px slices suits a 160-px slice of unknown pixel size (1.25x
+    the 128-px whole prior, which the scale rule alone refused), not a 512-px one."""
+    d = Prior(tiny_detail().denoiser, {**DETAIL_META, "pixel_mm": None, "pixel_mm_range": None,
+                                       "native_px_range": [224, 224]})
+    ok, why = detail_applies(d, 1.25, None, side=160)
+    assert ok and "within 149-336 px" in why
+    ok, why = detail_applies(d, 4.0, None, side=512)
+    assert not ok and "outside" in why
+    assert not detail_applies(d, 1.25, None)[0]              # no side given: the scale rule
+    whole = tiny_whole()
+    whole.detail_prior = d
+    assert for_data(whole, (20, 14)).detail is None          # 20 px: far below 224 / 1.5
+    big = Prior(d.denoiser, {**d.meta, "native_px_range": [20, 24]})
+    whole.detail_prior = big
+    assert for_data(whole, (20, 14)).detail is not None      # its own training matrix
+
+
 def test_for_data_attaches_the_detail_prior_only_where_it_applies():
     whole = tiny_whole()
     whole.detail_prior = tiny_detail()
@@ -263,6 +281,8 @@ def test_native_training_records_its_scale_and_resumes_bit_exactly(tmp_path):
     meta = json.loads(a.with_suffix(".json").read_text())
     assert meta["native"] is True and meta["image_size"] == 16 and meta["architecture"]["coords"] is False
     assert meta["pixel_mm"] == 0.8 and meta["pixel_mm_range"] == [0.8, 0.8] and meta["full_range"] is True
+    lo, hi = meta["native_px_range"]  # larger sides 40-70 px (the 5 training images of the split and 1 held out)
+    assert 40 <= lo <= hi <= 70
     assert meta["training"]["patch_noise"] == [-3.0, 1.2] and len(meta["training"]["val_loss_by_sigma"]) == 8
     b = train(TrainConfig(out=str(tmp_path / "b"), steps=2, **common), log=lambda m: None)
     b = train(TrainConfig(out=str(tmp_path / "b"), steps=4, resume=True, **common), log=lambda m: None)
