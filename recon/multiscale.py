@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from recon.errors import ReconError
 
-__all__ = ["ResampledPrior", "scale_factor", "detail_std_for", "for_data", "denoise_tiled", "detail_applies", "scale_record"]
+__all__ = ["ResampledPrior", "scale_factor", "detail_std_for", "for_data", "denoise_tiled", "detail_applies",
+           "scale_record", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision", "native_bf16"]
 
 #: used when a prior's metadata has no measured detail std (fraction of the [0, 1] range)
 DEFAULT_DETAIL_STD = 0.03
@@ -54,6 +55,44 @@ DEFAULT_DETAIL_BELOW = 0.2
 #: tiles of the detail prior: its GroupNorm statistics were learned on 64-px patches, so it
 #: is run on tiles of a few patch sizes rather than on a 512-px image at once
 DETAIL_TILE, DETAIL_OVERLAP = 128, 32
+
+
+#: network precision of the score methods: 'fp32'; 'bf16' (the network's convolutions and
+#: matrix products in bfloat16 under autocast, the EDM skip path and everything outside the
+#: network in float32); 'auto': bf16 where the processor computes it natively (CPUs with AMX or
+#: AVX512-BF16, CUDA GPUs that support it), else fp32
+PRECISIONS = ("fp32", "bf16", "auto")
+#: the score methods' default precision
+DEFAULT_PRECISION = "auto"
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (so bf16 is faster, not emulated)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except (OSError, AttributeError, RuntimeError):
+        return False
+    return False
+
+
+def resolve_precision(precision, device) -> str:
+    """'fp32' or 'bf16' for ``precision`` (one of :data:`PRECISIONS`) on ``device``."""
+    if precision not in PRECISIONS:
+        raise ReconError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
 
 
 def scale_factor(native_shape, prior, native_pixel_mm: float | None = None) -> tuple[float, str]:
@@ -202,8 +241,11 @@ class ResampledPrior(torch.nn.Module):
     ``detail_below`` (module docstring)."""
 
     def __init__(self, prior, factor: float = 1.0, detail_std: float | None = None, how: str = "",
-                 detail=None, detail_below: float = 0.0, detail_how: str = ""):
+                 detail=None, detail_below: float = 0.0, detail_how: str = "", precision: str = "fp32"):
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ReconError(f"precision must be 'fp32' or 'bf16' here (resolve 'auto' first), got {precision!r}")
+        self.precision = precision
         if not (math.isfinite(factor) and factor > 0):
             raise ReconError(f"the scale factor between the data and the prior must be > 0, got {factor}")
         if not (math.isfinite(detail_below) and detail_below >= 0):
@@ -260,6 +302,7 @@ class ResampledPrior(torch.nn.Module):
             action = (f"below noise {self.detail_below:g}: the detail prior '{name}' at the data's own pixels "
                       f"({DETAIL_TILE}-px tiles); above it: {action}")
         rec = {"scale_factor": round(self.factor, 4), "scale_from": self.how, "action": action,
+               "precision": self.precision,
                "prior_image_size": self.prior.image_size,
                "detail_prior": name if self.detail is not None else None, "detail_below": self.detail_below}
         if self.detail_how:
@@ -272,7 +315,9 @@ class ResampledPrior(torch.nn.Module):
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
         squeeze = x.dim() == 4
         x3 = x[:, 0] if squeeze else x
-        out = self._denoise3(x3, sigma)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self._denoise3(x3, sigma)
+        out = out.to(x.dtype)
         return out[:, None] if squeeze else out
 
     def _denoise3(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -309,12 +354,13 @@ class ResampledPrior(torch.nn.Module):
 
 
 def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None = None,
-             detail_below: float | None = None) -> ResampledPrior:
+             detail_below: float | None = None, precision: str = "fp32") -> ResampledPrior:
     """``prior`` for data of ``shape`` (H, W) with pixels of ``pixel_mm`` (None: unknown);
     ``factor`` overrides the scale (data pixels per prior pixel).  The prior's detail prior
     (``prior.detail_prior``, loaded by :func:`recon.prior.load_prior`) joins below
     ``detail_below`` (default: the prior's ``detail_below_sigma``, else
-    :data:`DEFAULT_DETAIL_BELOW`; 0 turns it off) when :func:`detail_applies`."""
+    :data:`DEFAULT_DETAIL_BELOW`; 0 turns it off) when :func:`detail_applies`.  ``precision``
+    ('fp32', 'bf16', 'auto': :data:`PRECISIONS`) is the network's."""
     if isinstance(prior, ResampledPrior):
         return prior
     if factor is not None:
@@ -331,10 +377,14 @@ def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None =
             below = 0.0
         elif below == 0:
             detail_how = "turned off (detail_below=0)"
-    return ResampledPrior(prior, factor, how=how, detail=detail, detail_below=below, detail_how=detail_how)
+    device = next((p.device for p in prior.parameters()), torch.device("cpu")) if hasattr(prior, "parameters") \
+        else torch.device("cpu")
+    return ResampledPrior(prior, factor, how=how, detail=detail, detail_below=below, detail_how=detail_how,
+                          precision=resolve_precision(precision, device))
 
 
 def scale_record(prior, shape, used: dict) -> dict:
     """The run record's ``prior_scale``: what :func:`for_data` does for data of ``shape`` with
-    the options a method ``used`` (``pixel_mm``, ``prior_scale``, ``detail_below``)."""
-    return for_data(prior, shape, used.get("pixel_mm"), used.get("prior_scale"), used.get("detail_below")).describe()
+    the options a method ``used`` (``pixel_mm``, ``prior_scale``, ``detail_below``, ``precision``)."""
+    return for_data(prior, shape, used.get("pixel_mm"), used.get("prior_scale"), used.get("detail_below"),
+                    used.get("precision", DEFAULT_PRECISION)).describe()

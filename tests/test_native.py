@@ -352,3 +352,30 @@ def test_bench_bands_measures_both_denoisers_on_a_series_at_its_own_grid(tmp_pat
     assert abs(10 * np.log10(1 / mse) - r["whole_db"]) < 1e-4
     with pytest.raises(ReconError, match="no detail prior"):
         bench_bands([data], tiny_whole(), "ct", log=lambda m: None)
+
+
+@pytest.mark.parametrize("method", ["score", "score-fast", "dps"])
+def test_bf16_network_precision_is_close_to_fp32_and_recorded(method):
+    """precision='bf16' runs the network under bfloat16 autocast: the result differs from fp32
+    (the option reaches the network) but only slightly; an unknown precision fails clearly."""
+    from forward_models import Inpainting
+    from recon.methods import get_method
+    from recon.multiscale import for_data
+
+    whole = tiny_whole()
+    whole.detail_prior = tiny_detail()
+    shape = (33, 29)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((1, *shape), generator=g)
+    op = Inpainting((torch.rand(shape, generator=g) > 0.5).float(), shape=shape)
+    y = op.A(x)
+    fn = get_method(method)
+    a = fn(y, op, prior=whole, n_steps=4, seed=0, precision="fp32")
+    b = fn(y, op, prior=whole, n_steps=4, seed=0, precision="bf16")
+    assert a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b)
+    assert float((a - b).abs().mean()) < 0.05 * float(a.abs().mean())
+    auto = for_data(whole, shape, precision="auto").describe()["precision"]
+    assert auto in ("fp32", "bf16")
+    with pytest.raises(ReconError, match="precision must be one of"):
+        fn(y, op, prior=whole, n_steps=2, precision="fp16")

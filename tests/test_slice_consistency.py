@@ -344,8 +344,9 @@ def test_dds_z_weight_zero_is_bit_identical(sigma_y):
         # one slice: nothing to couple, the old path whatever the weight
         one = _dds_before_issue_11(y[:1], op, prior, generator=torch.Generator().manual_seed(1), **kw)
         one_z = dds_sample(y[:1], op, prior, generator=torch.Generator().manual_seed(1), z_weight=1.0, **kw)
+        # the network in float32 as in the reference (the default, 'auto', is bf16 on CPUs with AMX)
         sf = methods.run("score-fast", y, op, prior=prior, seed=1, n_steps=5, sigma_max=2.0, sigma_y=sigma_y,
-                         z_weight=0.0)
+                         z_weight=0.0, precision="fp32")
         sf_ref = _dds_before_issue_11(y, op, prior, generator=torch.Generator().manual_seed(1), n_steps=5,
                                       sigma_max=2.0, sigma_min=0.002, eta=1.0, cg_iters=10, sigma_y=sigma_y,
                                       clip=(0.0, None))
