@@ -234,6 +234,29 @@ def _sample_size(text):
     return (parts[0], parts[-1])
 
 
+def memorisation_check(samples, real, n_ref: int = 50) -> dict:
+    """For a model card: the RMS distance (on the [0, 1] scale) from each sample to its nearest
+    real image, against the distance from a real image to its nearest other real image (median
+    over up to ``n_ref`` of them).  Samples no closer to the training images than those are to
+    each other reproduce none of them."""
+    import numpy as np
+
+    s = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
+    r = np.asarray(real, dtype=np.float64).reshape(len(real), -1)
+    d = np.sqrt(np.maximum((s ** 2).sum(1)[:, None] + (r ** 2).sum(1)[None] - 2 * s @ r.T, 0) / s.shape[1])
+    nearest = d.min(1)
+    k = min(n_ref, len(r))
+    rr = np.sqrt(np.maximum((r[:k] ** 2).sum(1)[:, None] + (r ** 2).sum(1)[None] - 2 * r[:k] @ r.T, 0) / r.shape[1])
+    rr[np.arange(k), np.arange(k)] = np.inf
+    ref = rr.min(1) if len(r) > 1 else np.array([np.nan])
+    return {"samples": int(len(s)), "real_images": int(len(r)),
+            "sample_nearest": [round(float(v), 4) for v in nearest],
+            "sample_nearest_index": [int(i) for i in d.argmin(1)],
+            "sample_nearest_min": float(nearest.min()), "sample_nearest_max": float(nearest.max()),
+            "real_nearest_median": float(np.median(ref)), "real_reference_images": int(k),
+            "scale": "RMS over pixels on the prior's [0, 1] scale, both clipped to [0, 1]"}
+
+
 def run_sample(args):
     import torch
 
@@ -273,18 +296,26 @@ def run_sample(args):
         from recon.train import load_image_folder
 
         if args.size is None:
-            real, _ = load_image_folder(args.real, prior.meta.get("modality", "ct"), prior.image_size,
-                                        prior.window or (-1000.0, 1000.0), max_images=args.n, seed=args.seed)
-            real = [r[0].numpy() for r in real[: args.n]]
+            found, _ = load_image_folder(args.real, prior.meta.get("modality", "ct"), prior.image_size,
+                                         prior.window or (-1000.0, 1000.0), seed=args.seed)
+            real = [r[0].clamp(0, 1).numpy() for r in found]
         else:
             from recon.train import load_native_images
 
             found, _, _ = load_native_images(args.real, prior.meta.get("modality", "ct"),
                                              prior.window or (-1000.0, 1000.0), seed=args.seed, min_side=min(hw))
-            real = [r.clamp(0, 1).numpy() for r in found if tuple(r.shape) == hw][: args.n]
+            real = [r.clamp(0, 1).numpy() for r in found if tuple(r.shape) == hw]
             if not real:
                 raise ReconError(f"--real: no image of exactly {hw[0]}x{hw[1]} under {', '.join(args.real)}")
-        images += real
+        check = memorisation_check(arr, real)
+        from recon.io._util import atomic_output
+
+        with atomic_output(out / "memorisation.json") as tmp:
+            tmp.write_text(json.dumps(check, indent=2))
+        log(args, f"memorisation check: RMS distance from each sample to its nearest real image "
+                  f"{check['sample_nearest_min']:.3f}-{check['sample_nearest_max']:.3f}; between real images "
+                  f"(median nearest other) {check['real_nearest_median']:.3f} ({out / 'memorisation.json'})")
+        images += real[: args.n]
         labels = ["samples", "real"]
     save_grid(images, out / "samples.png", ncols=args.n, row_labels=labels)
     log(args, f"wrote {args.n} samples to {out}")

@@ -23,6 +23,9 @@ def test_sample_writes_grid_with_real_row(tmp_path):
     arr = np.load(out / "samples.npy")
     assert arr.shape == (3, 16, 16) and np.isfinite(arr).all()
     assert (out / "samples.png").stat().st_size > 0
+    mem = json.loads((out / "memorisation.json").read_text())
+    assert mem["samples"] == 3 and mem["real_images"] == 3 and len(mem["sample_nearest"]) == 3
+    assert 0 <= mem["sample_nearest_min"] <= mem["sample_nearest_max"] and mem["real_nearest_median"] > 0
     # same seed, same samples
     out2 = tmp_path / "s2"
     main(["sample", "--prior", str(prior), "--n", "3", "--sampler", "ode", "--steps", "3", "--out", str(out2),
@@ -50,6 +53,17 @@ def test_sample_at_a_chosen_matrix_uses_the_multiscale_denoiser_and_shows_real_i
     assert "33" in capsys.readouterr().err  # no real image of that size: one clear error
     assert main(["sample", "--prior", str(prior), "--size", "4,x", "--out", str(tmp_path / "s4")]) == 2
     assert "--size must be H or H,W" in capsys.readouterr().err
+
+
+def test_memorisation_check_finds_a_copied_training_image():
+    from recon.cli import memorisation_check
+
+    rng = np.random.default_rng(0)
+    real = rng.random((6, 8, 8))
+    samples = np.stack([real[4] + 0.001, rng.random((8, 8))])
+    m = memorisation_check(samples, real)
+    assert m["sample_nearest_index"][0] == 4 and m["sample_nearest"][0] < 0.002
+    assert m["sample_nearest"][1] > 0.2 and 0.2 < m["real_nearest_median"] < 0.6  # uniform noise: ~0.41
 
 
 def test_likelihood_reports_bits_per_dim(tmp_path, monkeypatch):
