@@ -301,6 +301,9 @@ class Scaled(LinearOperator):
 
 
 class Identity(LinearOperator):
+    #: ``inverse`` is exact (the projection sampler applies Song et al.'s formula through it)
+    exact_inverse = True
+
     def __init__(self, shape):
         super().__init__(shape, shape)
 

@@ -64,6 +64,8 @@ class FFT2c(LinearOperator):
     modality = "mri"
     is_complex_input = True
     is_complex_output = True
+    #: ``inverse`` is exact (the projection sampler applies Song et al.'s formula through it)
+    exact_inverse = True
 
     def __init__(self, shape):
         shape = tuple(int(s) for s in shape)
@@ -332,3 +334,7 @@ class PhaseModulated(LinearOperator):
     @property
     def mask(self):
         return getattr(self.op, "mask", None)
+
+    @property
+    def exact_inverse(self) -> bool:
+        return bool(getattr(self.op, "exact_inverse", False))

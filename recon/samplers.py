@@ -227,11 +227,21 @@ class ProjectionConsistency:
     lam * (sigma c_T)^2 / sigma_y^2, so noisy data are never enforced exactly
     (c_T is the RMS row norm of T, which converts image noise into
     measurement noise).
+
+    Where ``T`` has an exact inverse (``T.exact_inverse``: the centred FFT of MRI, the
+    identity of inpainting) the formula is applied as written.  Where it has none (CT: the
+    dense-view Radon transform, whose least-squares inverse is ill-conditioned -- measured at
+    256x256, 23 views: more CGLS iterations made the step diverge) the same step is taken as
+    the minimum-norm correction ``x <- x + A^+ lam (y_t - A x)`` (``A^+`` by ``inverse_iters``
+    CGLS iterations on A itself, started at zero), the projection onto the relaxed measured
+    set.  For a unitary ``T`` the two coincide (``A^+ = T^H Lambda``).
     """
 
     def __init__(self, y, op, lam: float = 1.0, sigma_y: float = 0.0, generator=None, inverse_iters: int = 10):
         dec = op.decompose()
         self.T, self.embed, self.mask = dec.T, dec.embed, dec.mask
+        self.op, self.y = op, y
+        self.exact = bool(getattr(self.T, "exact_inverse", False))
         self.y_full = self.embed(y)
         self.lam, self.sigma_y, self.g = float(lam), float(sigma_y), generator
         self.inverse_iters = inverse_iters
@@ -252,6 +262,10 @@ class ProjectionConsistency:
         extra = math.sqrt(max(meas_sigma**2 - self.sigma_y**2, 0.0)) / self.c_T
         if self.sigma_y > 0 and meas_sigma < self.sigma_y:
             lam = lam * (meas_sigma / self.sigma_y) ** 2
+        if not self.exact:
+            y_t = self.y + extra * _as_measurement(self.op, _randn(u, self.g)) if extra > 0 else self.y
+            r = lam * (y_t - _as_measurement(self.op, u))
+            return u + cgls(self.op, r, n_iter=self.inverse_iters, real=True)
         y_t = self.y_full + extra * self._T(_randn(u, self.g)) if extra > 0 else self.y_full
         tx = self._T(u)
         z = tx + lam * self.mask * (y_t - tx)
@@ -302,8 +316,14 @@ def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr:
             u = dc(u, sigma, lam)
             score = (prior.denoise(u, sigma) - u) / sigma**2
             z = _randn(u, generator)
-            gn = score.flatten(1).norm(dim=1).clamp_min(1e-12)
             zn = z.flatten(1).norm(dim=1)
+            # ||score|| of a denoiser that sees noise of std sigma is about ||z|| / sigma; where it
+            # sees less (structured errors it keeps as signal, e.g. a native-pixel detail prior at
+            # low noise), the step 2 (snr ||z|| / ||score||)^2 would grow without bound and inject
+            # noise far above sigma that the denoiser then keeps (measured: CT 256x256, 23 views,
+            # 100 steps, 23.2 dB; capped, 27.1 dB): capped at 2 (snr sigma)^2, the annealed
+            # Langevin step of Song & Ermon (2019) for a denoiser that sees the noise it is told
+            gn = score.flatten(1).norm(dim=1).clamp_min(1e-12).maximum(zn / sigma)
             step = (2 * (snr * zn / gn) ** 2).reshape(-1, *[1] * (u.dim() - 1))
             u = u + step * score + torch.sqrt(2 * step) * z
             check_finite(u, i, sigma, snr, "corrector")

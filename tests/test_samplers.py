@@ -267,3 +267,69 @@ def test_values_above_the_window_survive_every_level_not_only_the_last(method):
     get_method(method)(y, op, prior=prior, n_steps=6, seed=0,
                        callback=lambda i, x: levels.append(float(x.max())))
     assert len(levels) == 6 and min(levels[2:]) > 1.2  # bone stays bone at the low noise levels
+
+
+class _KeepsMostPrior:
+    """A denoiser that removes only a tenth of what separates its input from the truth (a
+    native-pixel detail prior on the structured errors of a conditional sample): its score
+    is ten times smaller than the ||z|| / sigma of the noise level it is told."""
+
+    def __init__(self, truth):
+        from recon.sde import VESDE
+
+        self.truth, self.sde = truth, VESDE(0.01, 1.0)
+
+    def denoise(self, u, sigma):
+        return u - 0.1 * (u - self.truth)
+
+
+def test_langevin_corrector_step_never_injects_noise_far_above_the_level():
+    """The corrector's step 2 (snr ||z|| / ||score||)^2 (Song et al. 2021) grows without bound when
+    the denoiser keeps what it sees; it is capped at 2 (snr sigma)^2, the step of a denoiser that
+    sees noise of the level it is told, so the sample's error stays of the order of sigma (it is
+    about 16 sigma_max per corrector step without the cap)."""
+    torch.manual_seed(0)
+    truth = torch.rand(1, 16, 16, dtype=torch.float64)
+    prior = _KeepsMostPrior(truth)
+    g = torch.Generator().manual_seed(0)
+    x_init = truth + torch.randn(truth.shape, generator=g, dtype=torch.float64)  # sigma_max = 1
+    x = pc_sample(prior, truth.shape, n_steps=10, snr=0.8, n_corrector=1, generator=g, dtype=torch.float64,
+                  denoise=False, x_init=x_init)
+    assert float((x - truth).pow(2).mean().sqrt()) < 3.0
+
+
+def test_projection_step_without_an_exact_inverse_is_the_minimum_norm_correction():
+    """CT's dense-view T has no exact inverse: the lam = 1 step moves the sample by the
+    minimum-norm correction onto {A x = y}: the data fit, the move lies in range(A^H)."""
+    from forward_models import ParallelBeamCT, view_angles
+
+    op = ParallelBeamCT(12, view_angles(5)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 12, 12, generator=g, dtype=torch.float64)
+    y = op.A(x)
+    dc = ProjectionConsistency(y, op, generator=g, inverse_iters=200)
+    assert not dc.exact
+    u = torch.rand(1, 12, 12, generator=g, dtype=torch.float64)
+    out = dc(u, 0.0, 1.0)
+    assert float((op.A(out) - y).norm() / y.norm()) < 1e-8
+    # the move is A^H w for some w: its component in null(A) is zero
+    d = (out - u).reshape(-1)
+    rows = torch.stack([op.AH(e.reshape(1, *op.out_shape)).reshape(-1)
+                        for e in torch.eye(int(torch.tensor(op.out_shape).prod()), dtype=torch.float64)])
+    coef = torch.linalg.pinv(rows.T) @ d[:, None]
+    assert float((rows.T @ coef - d[:, None]).norm()) < 1e-6 * float(d.norm())
+    rnd = torch.randn(d.shape, generator=g, dtype=torch.float64)[:, None]  # a generic move is not
+    assert float((rows.T @ (torch.linalg.pinv(rows.T) @ rnd) - rnd).norm()) > 0.3 * float(rnd.norm())
+
+
+def test_projection_step_with_an_exact_inverse_is_song_et_al_formula():
+    from forward_models import Inpainting
+
+    mask = (torch.rand(6, 5, generator=torch.Generator().manual_seed(2)) > 0.5).double()
+    op = Inpainting(mask)
+    y = op.A(torch.rand(1, 6, 5, dtype=torch.float64))
+    dc = ProjectionConsistency(y, op, generator=torch.Generator().manual_seed(0))
+    assert dc.exact
+    u = torch.rand(1, 6, 5, dtype=torch.float64)
+    lam = 0.3
+    torch.testing.assert_close(dc(u, 0.0, lam), u + lam * mask * (y - u))
