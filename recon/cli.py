@@ -270,12 +270,13 @@ def run_sample(args):
     hw = (prior.image_size, prior.image_size) if args.size is None else _sample_size(args.size)
     model = prior
     if args.size is not None:
-        from recon.multiscale import for_data
+        from recon.multiscale import DEFAULT_PRECISION, for_data
 
-        model = for_data(prior, hw, args.pixel_mm)
+        model = for_data(prior, hw, args.pixel_mm, precision=DEFAULT_PRECISION)
         d = model.describe()
         log(args, f"sampling {hw[0]}x{hw[1]}: {d.get('action', '')}; detail prior "
-                  f"{d.get('detail_prior') or 'none'} ({d.get('detail_from') or 'not used'})")
+                  f"{d.get('detail_prior') or 'none'} ({d.get('detail_from') or 'not used'}); network in "
+                  f"{d['precision']}")
     shape = (args.n, *hw)
     sde = model.sde
     with torch.no_grad():
