@@ -309,7 +309,14 @@ class PhaseModulated(LinearOperator):
         self.is_complex_output = op.is_complex_output
 
     def _carrier(self, t):
+        if self.phase.shape[0] not in (1, t.shape[0]):
+            raise ValueError(f"PhaseModulated: the phase holds {self.phase.shape[0]} items but the input has a "
+                             f"batch of {t.shape[0]}; give one phase per item (or one for all)")
         return torch.polar(torch.ones_like(self.phase), self.phase).to(device=t.device, dtype=t.dtype)
+
+    def norm_estimate(self, *args, **kwargs) -> float:
+        """``||A e^{i phi}|| = ||A||``: a phase factor is unitary."""
+        return self.op.norm_estimate(*args, **kwargs)
 
     def _forward(self, x):
         x = _complex(x)

@@ -234,6 +234,10 @@ def _sample_size(text):
     return (parts[0], parts[-1])
 
 
+#: real images loaded by `recon sample --real` for the memorisation check (a random subset beyond)
+MEMORISATION_MAX_IMAGES = 2000
+
+
 def memorisation_check(samples, real, n_ref: int = 50) -> dict:
     """For a model card: the RMS distance (on the [0, 1] scale) from each sample to its nearest
     real image, against the distance from a real image to its nearest other real image (median
@@ -248,12 +252,13 @@ def memorisation_check(samples, real, n_ref: int = 50) -> dict:
     k = min(n_ref, len(r))
     rr = np.sqrt(np.maximum((r[:k] ** 2).sum(1)[:, None] + (r ** 2).sum(1)[None] - 2 * r[:k] @ r.T, 0) / r.shape[1])
     rr[np.arange(k), np.arange(k)] = np.inf
-    ref = rr.min(1) if len(r) > 1 else np.array([np.nan])
+    ref = rr.min(1) if len(r) > 1 else None
     return {"samples": int(len(s)), "real_images": int(len(r)),
             "sample_nearest": [round(float(v), 4) for v in nearest],
             "sample_nearest_index": [int(i) for i in d.argmin(1)],
             "sample_nearest_min": float(nearest.min()), "sample_nearest_max": float(nearest.max()),
-            "real_nearest_median": float(np.median(ref)), "real_reference_images": int(k),
+            "real_nearest_median": float(np.median(ref)) if ref is not None else None,
+            "real_reference_images": int(k),
             "scale": "RMS over pixels on the prior's [0, 1] scale, both clipped to [0, 1]"}
 
 
@@ -298,13 +303,15 @@ def run_sample(args):
 
         if args.size is None:
             found, _ = load_image_folder(args.real, prior.meta.get("modality", "ct"), prior.image_size,
-                                         prior.window or (-1000.0, 1000.0), seed=args.seed)
+                                         prior.window or (-1000.0, 1000.0), max_images=MEMORISATION_MAX_IMAGES,
+                                         seed=args.seed)
             real = [r[0].clamp(0, 1).numpy() for r in found]
         else:
             from recon.train import load_native_images
 
             found, _, _ = load_native_images(args.real, prior.meta.get("modality", "ct"),
-                                             prior.window or (-1000.0, 1000.0), seed=args.seed, min_side=min(hw))
+                                             prior.window or (-1000.0, 1000.0), MEMORISATION_MAX_IMAGES,
+                                             seed=args.seed, min_side=min(hw))
             real = [r.clamp(0, 1).numpy() for r in found if tuple(r.shape) == hw]
             if not real:
                 raise ReconError(f"--real: no image of exactly {hw[0]}x{hw[1]} under {', '.join(args.real)}")
@@ -313,9 +320,12 @@ def run_sample(args):
 
         with atomic_output(out / "memorisation.json") as tmp:
             tmp.write_text(json.dumps(check, indent=2))
+        check["real_images_cap"] = MEMORISATION_MAX_IMAGES
+        ref = check["real_nearest_median"]
         log(args, f"memorisation check: RMS distance from each sample to its nearest real image "
                   f"{check['sample_nearest_min']:.3f}-{check['sample_nearest_max']:.3f}; between real images "
-                  f"(median nearest other) {check['real_nearest_median']:.3f} ({out / 'memorisation.json'})")
+                  f"(median nearest other) {'n/a (one real image)' if ref is None else f'{ref:.3f}'} "
+                  f"({out / 'memorisation.json'})")
         images += real[: args.n]
         labels = ["samples", "real"]
     save_grid(images, out / "samples.png", ncols=args.n, row_labels=labels)

@@ -69,8 +69,8 @@ DEFAULT_PRECISION = "auto"
 def native_bf16(device) -> bool:
     """Whether ``device`` computes bfloat16 natively (so bf16 is faster, not emulated)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cuda":  # Ampere (8.0) and later compute bf16; older cards only emulate it
+        return bool(torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8)
     if device.type != "cpu":
         return False
     try:
@@ -229,7 +229,7 @@ def detail_applies(detail, factor: float, pixel_mm: float | None = None,
     if side and px:
         lo, hi = float(px[0]) / RESAMPLE_ABOVE, float(px[1]) * RESAMPLE_ABOVE
         ok = lo <= float(side) <= hi
-        return ok, (f"pixel sizes unknown; the data's {int(side)} px side is {'within' if ok else 'outside'} "
+        return ok, (f"pixel size of the data or of the detail prior unknown; the data's {int(side)} px side is {'within' if ok else 'outside'} "
                     f"{lo:.0f}-{hi:.0f} px (the detail prior's training images' sides within 1.5x)")
     ok = factor >= RESAMPLE_ABOVE
     return ok, (f"pixel sizes unknown; the data are {factor:.3g}x finer than the whole-image prior's grid "
@@ -360,7 +360,9 @@ def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None =
     (``prior.detail_prior``, loaded by :func:`recon.prior.load_prior`) joins below
     ``detail_below`` (default: the prior's ``detail_below_sigma``, else
     :data:`DEFAULT_DETAIL_BELOW`; 0 turns it off) when :func:`detail_applies`.  ``precision``
-    ('fp32', 'bf16', 'auto': :data:`PRECISIONS`) is the network's."""
+    ('fp32', 'bf16', 'auto': :data:`PRECISIONS`) is the network's (default fp32 here; the score
+    methods pass :data:`DEFAULT_PRECISION`).  A ``prior`` that is already a :class:`ResampledPrior`
+    is returned as it is, with its own settings."""
     if isinstance(prior, ResampledPrior):
         return prior
     if factor is not None:

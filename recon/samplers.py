@@ -284,7 +284,7 @@ def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr:
 
     Returns x0 of ``shape`` (B, H, W).  ``predictor`` is 'reverse_diffusion'
     or 'euler_maruyama'; ``n_corrector`` Langevin steps per level with step
-    size 2 (snr ||z|| / ||score||)^2.  The last step uses lam = ``final_lam``
+    size 2 (snr ||z|| / ||score||)^2, capped at 2 (snr sigma)^2.  The last step uses lam = ``final_lam``
     and a final Tweedie denoising step (``denoise``).
 
     ``timesteps``: descending positive SDE times, one per step (default

@@ -92,10 +92,14 @@ def magnitude_operator(op, y):
     below TV to above it (README, "MRI: measured").  Left as it is: other operators, data
     without a fully sampled centre, and data of a real image (magnitude-simulated), whose
     estimated phase is 0."""
-    from forward_models import PhaseModulated, smooth_phase
+    from forward_models import PhaseModulated, check_tensor, smooth_phase
 
     if operator_kind(op) != "mri" or not op.is_complex_input or isinstance(op, PhaseModulated):
         return op
+    try:
+        check_tensor(y, op.out_shape, "measurement y")
+    except ValueError as exc:
+        raise ReconError(str(exc)) from None
     phase = smooth_phase(op, y)
     if phase is None or not bool((phase != 0).any()):
         return op

@@ -375,7 +375,30 @@ def test_bf16_network_precision_is_close_to_fp32_and_recorded(method):
     assert a.dtype == b.dtype == torch.float32
     assert not torch.equal(a, b)
     assert float((a - b).abs().mean()) < 0.05 * float(a.abs().mean())
-    auto = for_data(whole, shape, precision="auto").describe()["precision"]
-    assert auto in ("fp32", "bf16")
+    from recon.multiscale import native_bf16
+
+    want = "bf16" if native_bf16("cpu") else "fp32"
+    assert for_data(whole, shape, precision="auto").describe()["precision"] == want
     with pytest.raises(ReconError, match="precision must be one of"):
         fn(y, op, prior=whole, n_steps=2, precision="fp16")
+
+
+def test_native_bf16_reads_the_processor_flags(monkeypatch, tmp_path):
+    import builtins
+
+    import recon.multiscale as ms
+
+    real_open = builtins.open
+
+    def fake(flags):
+        f = tmp_path / "cpuinfo"
+        f.write_text(f"processor : 0\nflags : fpu sse2 avx2 {flags}\n")
+        return lambda path, *a, **k: real_open(f if path == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(builtins, "open", fake("avx512f amx_bf16"))
+    assert ms.native_bf16("cpu") and ms.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(builtins, "open", fake("avx512f"))
+    assert not ms.native_bf16("cpu") and ms.resolve_precision("auto", "cpu") == "fp32"
+    assert ms.resolve_precision("bf16", "cpu") == "bf16"  # asked for explicitly: emulated if need be
+    assert not ms.native_bf16("meta")

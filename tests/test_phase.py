@@ -134,3 +134,39 @@ def test_phase_modulated_checks_its_phase():
         PhaseModulated(op, torch.full((8, 6), float("nan")))
     with pytest.raises(ValueError, match="real"):
         PhaseModulated(op, torch.zeros(8, 6, dtype=torch.complex64))
+
+
+def test_a_phase_per_item_in_a_batch():
+    """smooth_phase gives one phase per item; PhaseModulated keeps items apart, is adjoint for the
+    batch, and refuses a batch of another size with one clear error."""
+    mag, phase = _object(24, 20)
+    mask = EquispacedMask(4, center_fraction=0.3)((24, 20), seed=0).mask
+    op = CartesianMRI(mask).double()
+    x = torch.stack([torch.polar(mag, phase), mag.to(torch.complex128), torch.polar(mag, -phase)])
+    est = smooth_phase(op, op.A(x))
+    assert est.shape == (3, 24, 20) and bool((est[1] == 0).all()) and not bool((est[0] == 0).all())
+    pm = PhaseModulated(op, est)
+    g = torch.Generator().manual_seed(0)
+    u = torch.complex(torch.randn(3, 24, 20, generator=g, dtype=torch.float64),
+                      torch.randn(3, 24, 20, generator=g, dtype=torch.float64))
+    v = torch.complex(torch.randn(3, 24, 20, generator=g, dtype=torch.float64),
+                      torch.randn(3, 24, 20, generator=g, dtype=torch.float64))
+    for i in range(3):  # adjoint per item, each with its own phase
+        lhs = (pm.A(u)[i].conj() * v[i]).sum()
+        rhs = (u[i].conj() * pm.AH(v)[i]).sum()
+        assert abs(lhs - rhs) < 1e-9 * float(u[i].norm() * v[i].norm())
+    one = PhaseModulated(op, est[2:])
+    torch.testing.assert_close(pm.A(mag[None].expand(3, -1, -1))[2], one.A(mag[None])[0])
+    with pytest.raises(ValueError, match="phase holds 3 items but the input has a batch of 2"):
+        pm.A(mag[None].expand(2, -1, -1))
+    assert abs(pm.norm_estimate() - op.norm_estimate()) < 1e-6
+
+
+def test_magnitude_operator_checks_the_measurement_first():
+    from recon.errors import ReconError
+
+    op = CartesianMRI(EquispacedMask(4, center_fraction=0.25)((16, 12), seed=0).mask)
+    with pytest.raises(ReconError, match="NaN"):
+        magnitude_operator(op, torch.full((1, 16, 12), float("nan"), dtype=torch.complex64))
+    with pytest.raises(ReconError, match="expected"):
+        magnitude_operator(op, torch.zeros(16, 12, dtype=torch.complex64))
