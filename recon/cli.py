@@ -315,12 +315,11 @@ def run_sample(args):
             real = [r.clamp(0, 1).numpy() for r in found if tuple(r.shape) == hw]
             if not real:
                 raise ReconError(f"--real: no image of exactly {hw[0]}x{hw[1]} under {', '.join(args.real)}")
-        check = memorisation_check(arr, real)
+        check = {**memorisation_check(arr, real), "real_images_cap": MEMORISATION_MAX_IMAGES}
         from recon.io._util import atomic_output
 
         with atomic_output(out / "memorisation.json") as tmp:
             tmp.write_text(json.dumps(check, indent=2))
-        check["real_images_cap"] = MEMORISATION_MAX_IMAGES
         ref = check["real_nearest_median"]
         log(args, f"memorisation check: RMS distance from each sample to its nearest real image "
                   f"{check['sample_nearest_min']:.3f}-{check['sample_nearest_max']:.3f}; between real images "

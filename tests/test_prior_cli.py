@@ -25,6 +25,7 @@ def test_sample_writes_grid_with_real_row(tmp_path):
     assert (out / "samples.png").stat().st_size > 0
     mem = json.loads((out / "memorisation.json").read_text())
     assert mem["samples"] == 3 and mem["real_images"] == 3 and len(mem["sample_nearest"]) == 3
+    assert mem["real_images_cap"] == 2000
     assert 0 <= mem["sample_nearest_min"] <= mem["sample_nearest_max"] and mem["real_nearest_median"] > 0
     # same seed, same samples
     out2 = tmp_path / "s2"
