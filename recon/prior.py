@@ -136,6 +136,61 @@ def save_prior(prior: Prior, path, raw: nn.Module | None = None) -> Path:
     return path
 
 
+#: largest relative change (Frobenius norm) of one weight tensor :func:`export_prior` accepts;
+#: the shipped priors change by at most 3e-4 in float16 and 2.5e-3 in bfloat16
+EXPORT_MAX_REL_ERROR = 1e-2
+#: storage types :func:`export_prior` can give the EMA weights
+EMA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_prior(src, dst, ema_dtype: str = "float16") -> Path:
+    """Copy the prior ``src`` (.safetensors + .json) to ``dst`` with its EMA weights (the ones
+    reconstructions use) stored as ``ema_dtype``; the raw training weights stay float32, so
+    ``recon train --resume`` continues from them exactly.  Loading casts back to float32.
+
+    Refuses a weight that the type cannot hold (beyond its range, or changed by more than
+    :data:`EXPORT_MAX_REL_ERROR`, as when float16 flushes tiny weights to zero), naming it.  ``src`` and ``dst`` may be the same file (written
+    atomically).  The shipped priors use float16: it changed reconstructions by under 0.05 dB
+    (README "Half-precision weights")."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    if ema_dtype not in EMA_DTYPES:
+        raise ReconError(f"ema_dtype must be one of {', '.join(EMA_DTYPES)}, got {ema_dtype!r}")
+    dtype = EMA_DTYPES[ema_dtype]
+    src = resolve_prior_path(src)
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        dst = dst.with_suffix(".safetensors")
+    meta_path = src.with_suffix(".json")
+    if not meta_path.exists():
+        raise ReconError(f"metadata file missing: {meta_path} (every prior needs NAME.json beside NAME.safetensors)")
+    tensors, info = {}, torch.finfo(dtype)
+    with safe_open(str(src), framework="pt") as f:
+        file_meta = f.metadata() or {}
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if key.startswith("ema.") and t.is_floating_point():
+                t32 = t.float()
+                big = t32.abs().max().item() if t32.numel() else 0.0
+                if not torch.isfinite(t32).all() or big > info.max:
+                    raise ReconError(f"{src}: weight {key} (largest magnitude {big:.3g}) does not fit {ema_dtype} "
+                                     f"(max {info.max:.3g}); keep float32")
+                h = t32.to(dtype)
+                err = ((h.float() - t32).norm() / t32.norm()).item() if t32.norm() > 0 else 0.0
+                if err > EXPORT_MAX_REL_ERROR:  # e.g. a layer of tiny weights that float16 flushes to zero
+                    raise ReconError(f"{src}: weight {key} changes by {err:.1%} (relative) in {ema_dtype}, "
+                                     f"more than {EXPORT_MAX_REL_ERROR:.0%}; keep float32 or use bfloat16")
+                t = h
+            tensors[key] = t.contiguous()
+    data = save(tensors, metadata={**file_meta, "ema_dtype": ema_dtype})
+    meta = json.loads(meta_path.read_text())
+    meta["ema_dtype"] = ema_dtype
+    _atomic_bytes(dst, data)
+    _atomic_bytes(dst.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+    return dst
+
+
 def resolve_prior_path(name_or_path) -> Path:
     p = Path(name_or_path)
     if p.suffix.lower() in (".pt", ".pth", ".ckpt", ".pkl", ".pickle"):

@@ -454,7 +454,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         step, elapsed_before, history = tr.get("steps", 0), tr.get("seconds", 0.0), tr.get("history", [])
         val_history = list(tr.get("val_history", []))
         for key, value in prev.items():  # keep what training does not own (name, tuned sampler
-            meta.setdefault(key, value)  # defaults, out-of-distribution reference, pixel size, ...)
+            if key != "ema_dtype":       # defaults, out-of-distribution reference, pixel size, ...);
+                meta.setdefault(key, value)  # training writes float32 EMA weights
         if prev.get("normalisation") != meta["normalisation"]:
             meta["normalisation_history"] = prev.get("normalisation_history", []) + [
                 {"until_step": step, "normalisation": prev.get("normalisation")}]

@@ -76,3 +76,50 @@ def test_network_fully_convolutional():
         assert prior.denoise(torch.rand(1, size, size), 0.5).shape == (1, size, size)
     with pytest.raises(ValueError, match="divisible"):
         prior.denoise(torch.rand(1, 15, 15), 0.5)
+
+
+def test_export_half_precision_ema(tmp_path):
+    from safetensors.torch import load_file
+
+    from recon.prior import export_prior
+
+    prior = tiny_prior()
+    raw = tiny_prior(1).denoiser
+    src = save_prior(prior, tmp_path / "p.safetensors", raw=raw)
+    dst = export_prior(src, tmp_path / "h.safetensors", ema_dtype="float16")
+    t = load_file(str(dst))
+    assert all(v.dtype == torch.float16 for k, v in t.items() if k.startswith("ema."))
+    assert all(v.dtype == torch.float32 for k, v in t.items() if k.startswith("raw."))
+    assert dst.stat().st_size < src.stat().st_size
+    assert json.loads(dst.with_suffix(".json").read_text())["ema_dtype"] == "float16"
+    loaded = load_prior(dst)  # cast back to float32 on load: the fp16-rounded EMA weights
+    for (k, a), b in zip(prior.denoiser.state_dict().items(), loaded.denoiser.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a.half().float(), b), k
+    x = torch.rand(2, 16, 16)
+    d32, d16 = prior.denoise(x, 0.3), loaded.denoise(x, 0.3)
+    assert not torch.equal(d32, d16) and torch.allclose(d32, d16, atol=1e-3)
+    for a, b in zip(raw.state_dict().values(), load_prior(dst, ema=False).denoiser.state_dict().values()):
+        assert torch.equal(a, b)  # the raw training weights are untouched
+    # in place, and back to float32 (exact: float16 values are float32 values)
+    export_prior(dst, dst, ema_dtype="float32")
+    assert all(v.dtype == torch.float32 for v in load_file(str(dst)).values())
+
+
+def test_export_refuses_weights_half_cannot_hold(tmp_path):
+    from recon.prior import export_prior
+
+    prior = tiny_prior()
+    p = next(prior.denoiser.parameters())
+    p.data.view(-1)[0] = 1e6  # beyond float16's range
+    src = save_prior(prior, tmp_path / "p.safetensors")
+    with pytest.raises(ReconError, match="does not fit float16"):
+        export_prior(src, tmp_path / "h.safetensors")
+    p.data.view(-1)[0] = 0.0
+    p.data.mul_(1e-5)  # a layer of tiny weights: float16 flushes most of them to zero
+    src = save_prior(prior, tmp_path / "p.safetensors")
+    with pytest.raises(ReconError, match="relative"):
+        export_prior(src, tmp_path / "h.safetensors")
+    export_prior(src, tmp_path / "b.safetensors", ema_dtype="bfloat16")  # bfloat16 holds both
+    with pytest.raises(ReconError, match="ema_dtype must be one of"):
+        export_prior(src, tmp_path / "x.safetensors", ema_dtype="int8")
+    assert not (tmp_path / "h.safetensors").exists()

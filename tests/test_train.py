@@ -185,3 +185,30 @@ def test_alternative_objectives_decrease_loss(objective):
         loss.backward()
         opt.step()
     assert eval_loss() < before
+
+
+def test_resume_from_half_precision_export(tmp_path):
+    """A shipped prior has half-precision EMA weights (recon.prior.export_prior); training resumes from it:
+    the raw weights continue exactly, the EMA from its float16 values, saved again as float32."""
+    from safetensors.torch import load_file
+
+    from recon.errors import ReconError
+    from recon.prior import export_prior
+
+    data = _write_pngs(tmp_path / "data")
+    common = dict(data=[data], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2), seed=3,
+                  progress=False, checkpoint_every=3)
+    a = train(TrainConfig(out=str(tmp_path / "a"), steps=6, **common), log=lambda m: None)
+    c = train(TrainConfig(out=str(tmp_path / "c"), steps=3, **common), log=lambda m: None)
+    with pytest.raises(ReconError, match="relative"):  # 3 steps: near-zero layers float16 would flush
+        export_prior(c, c, ema_dtype="float16")
+    export_prior(c, c, ema_dtype="bfloat16")
+    c.with_suffix(".optim.pt").unlink()  # as on a fresh machine: only the committed weights
+    c = train(TrainConfig(out=str(tmp_path / "c"), steps=6, resume=True, **common), log=lambda m: None)
+    meta = json.loads(c.with_suffix(".json").read_text())
+    assert "ema_dtype" not in meta and meta["training"]["steps"] == 6
+    tc = load_file(str(c))
+    assert all(v.dtype == torch.float32 for v in tc.values())
+    ta = load_file(str(a))
+    # a fresh Adam state changes the path; both must still be finite float32 continuations
+    assert set(ta) == set(tc) and all(torch.isfinite(v).all() for v in tc.values())
