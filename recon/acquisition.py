@@ -208,13 +208,28 @@ def select_views(radians: np.ndarray, n: int, period: float) -> np.ndarray:
     return np.sort(order[np.unique(positions)])
 
 
-def read_detector_field(path, option: str, n_views: int, n_det: int) -> np.ndarray:
+def read_detector_field(path, option: str, n_views: int, n_det: int, n_slices: int | None = None) -> np.ndarray:
     """A flat or dark field (``.npy``): one value per detector pixel, shape ``(n_det,)`` (or
     ``(1, n_det)``), or one row per view, ``(n_views, n_det)``; returned as ``(n_views|1, n_det)``
-    float64."""
+    float64.  For a stack of ``n_slices`` sinograms also one field per slice, ``(n_slices,
+    n_views|1, n_det)``, returned as a read-only memory map (a slice's field: ``field[k]``,
+    checked when it is used)."""
     from recon.case import check_finite
-    from recon.io import read_npy
+    from recon.io import open_npy, read_npy
+    from recon.io._util import require_file
+    from recon.io.images import npy_shape
 
+    per_slice = f", or one field per slice, shape ({n_slices}, {n_views}, {n_det})" if n_slices else ""
+    if n_slices is not None and len(npy_shape(require_file(path, option))[0]) == 3:
+        arr = open_npy(path)
+        if np.iscomplexobj(arr):
+            raise ReconError(f"{path}: {option} must be real detector counts, got a complex array")
+        if arr.shape[0] != n_slices or arr.shape[1] not in (1, n_views) or arr.shape[2] != n_det:
+            raise ReconError(f"{path}: {option} has shape {arr.shape} but the sinogram stack is ({n_slices}, "
+                             f"{n_views}, {n_det}) (slices, views, detectors); give one field for every slice, "
+                             f"shape ({n_slices}, {n_views}, {n_det}) or ({n_slices}, 1, {n_det}), or one shared by "
+                             f"all slices, shape ({n_det},) or ({n_views}, {n_det})")
+        return arr
     arr = np.asarray(read_npy(path))
     if np.iscomplexobj(arr):
         raise ReconError(f"{path}: {option} must be real detector counts, got a complex array")
@@ -225,7 +240,7 @@ def read_detector_field(path, option: str, n_views: int, n_det: int) -> np.ndarr
     if arr.ndim != 2 or arr.shape[1] != n_det or arr.shape[0] not in (1, n_views):
         raise ReconError(f"{path}: {option} has shape {shape} but the sinogram is ({n_views}, {n_det}) "
                          f"(views, detectors); give one value per detector pixel, shape ({n_det},), or one row "
-                         f"per view, shape ({n_views}, {n_det})")
+                         f"per view, shape ({n_views}, {n_det}){per_slice}")
     return arr.astype(np.float64)
 
 

@@ -18,8 +18,9 @@ runners (:mod:`recon.single`, :mod:`recon.compare`).  Reconstruction commands::
              [--size S] [--samples K] [--series UID] [--slice I] --out DIR
     recon ct --sinogram FILE.npy [--angles FILE] [--det-spacing MM --fov MM] [--flat F [--dark D]]
              [--views N [--reference full]] [--geometry ...] --size S --method NAME --out DIR
+             [--slices a:b] [--batch-slices B] [--slice-spacing MM]   (a stack: slices, views, detectors)
     recon mri INPUT --mask KIND --accel R [--center-fraction F] --method NAME --out DIR
-    recon mri --kspace FILE [--mask KIND --accel R] --method NAME --out DIR
+    recon mri --kspace FILE [--mask KIND --accel R] --method NAME [--slices a:b] --out DIR
     recon inpaint INPUT --mask box|random|strokes [--box-fraction F] [--keep-ratio P]
              [--strokes N] --method NAME --out DIR
     recon compare ct|mri|inpaint (--data DIR | --manifest FILE) --methods m1,m2 [task options]
@@ -638,8 +639,9 @@ def _input_options(p, positional: bool = True, required: bool = True):
     p.add_argument("--slice", type=_nonneg_int, default=None, metavar="I",
                    help="reconstruct only this slice of a volume, 0-based")
     p.add_argument("--slices", default=None, metavar="all|a:b",
-                   help="slices of a multi-slice input (DICOM series, NIfTI volume): all (default) or a:b "
-                        "(0-based, b excluded); streamed in batches, resumable (see recon.volume)")
+                   help="slices of a multi-slice input (DICOM series, NIfTI volume, measured sinogram stack or "
+                        "k-space): all (default) or a:b (0-based, b excluded); streamed in batches, resumable "
+                        "(see recon.volume, recon.measured_volume)")
     p.add_argument("--batch-slices", type=_positive_int, default=4, metavar="B",
                    help="slices per method call for a volume (default 4; more is faster where memory allows)")
 
@@ -670,6 +672,12 @@ _EPILOG = ("Outputs in --out: the reconstruction (a derived DICOM series in dico
            "when a ground truth exists), run.json (versions, options, timings). Exit status 2 on bad input.")
 
 
+def _slice_spacing_option(g):
+    g.add_argument("--slice-spacing", type=_positive_float, default=None, metavar="MM",
+                   help="multi-slice measured data (reconstructed as a study: every slice, or --slices a:b): "
+                        "slice spacing in mm for recon.nii.gz's affine (default: unknown, 1)")
+
+
 def add_ct(sub):
     help_ = _TASK_CLI["ct"][2]
     p = sub.add_parser("ct", help=help_, description=help_ + ". " + _EPILOG)
@@ -677,7 +685,9 @@ def add_ct(sub):
     g = p.add_argument_group("measured data")
     g.add_argument("--sinogram", default=None, metavar="FILE",
                    help="measured sinogram .npy (views, detectors) instead of INPUT, any number of detector "
-                        "pixels; --geometry and the options below describe it; no ground truth")
+                        "pixels, or a stack (slices, views, detectors) sharing one geometry (every slice is "
+                        "reconstructed, or --slices a:b / --slice I); --geometry and the options below describe "
+                        "it; no ground truth")
     g.add_argument("--sinogram-units", choices=["image", "attenuation", "counts"], default=None,
                    help="image: y = A x for the [0, 1] image with unit pixels (as sinogram.npy is written); "
                         "attenuation: post-log line integrals (mu in 1/mm times mm), converted with the "
@@ -690,14 +700,16 @@ def add_ct(sub):
                    help="detector pixel pitch in mm (parallel: at the rotation axis; fan: on the detector); "
                         "needs --fov (default: 1 image pixel; fan: the magnification)")
     g.add_argument("--flat", default=None, metavar="FILE",
-                   help="flat (open-beam) counts .npy, shape (detectors,) or (views, detectors): the "
-                        "sinogram holds raw counts I, converted to p = -log(max(I-D,e) / max(F-D,e))")
+                   help="flat (open-beam) counts .npy, shape (detectors,) or (views, detectors), or one per "
+                        "slice of a sinogram stack (slices, views|1, detectors): the sinogram holds raw counts I, "
+                        "converted to p = -log(max(I-D,e) / max(F-D,e))")
     g.add_argument("--dark", default=None, metavar="FILE", help="dark counts .npy for --flat (default 0)")
     g.add_argument("--reference", default=None, metavar="full[:METHOD]",
                    help="score against the reconstruction of ALL measured views (with --views N): full picks "
                         "fbp for dense full scans, else tv; or full:fbp|tv|sirt|cgls; written to metrics.json")
     g.add_argument("--sigma-y", type=_nonneg_float, default=None, metavar="STD",
                    help="noise std of the measured data in y units (passed to score methods)")
+    _slice_spacing_option(g)
     _ct_options(p)
     _method_options(p)
     _modality_option(p, "ct")
@@ -726,6 +738,7 @@ def add_mri(sub):
                         "automatically")
     g.add_argument("--sigma-y", type=_nonneg_float, default=None, metavar="STD",
                    help="noise std of the measured k-space after scaling (passed to score methods)")
+    _slice_spacing_option(g)
     _mri_options(p)
     _method_options(p)
     _modality_option(p, "mri")
@@ -754,7 +767,8 @@ def _run_task(name):
         acq = _TASK_CLI[name][1](args)
         return run_single(TASKS[name], acq, _run_settings(args, [args.method]),
                           Inputs(path=args.input, series=args.series, slice=args.slice, slices=args.slices,
-                                 batch=args.batch_slices), args.out,
+                                 batch=args.batch_slices, slice_spacing=getattr(args, "slice_spacing", None)),
+                          args.out,
                           lambda m: log(args, m), manifest=args.manifest, shard=args.shard)
 
     run.__name__ = f"run_{name}"

@@ -49,6 +49,8 @@ class Inputs:
     slices: str | None = None
     #: slices per method call for a multi-slice input
     batch: int = 4
+    #: measured multi-slice data: slice spacing in mm for the NIfTI affine (None: unknown, 1)
+    slice_spacing: float | None = None
 
 
 def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
@@ -187,9 +189,13 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
 def reconstruct_any(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
                     fp: str | None = None, label: str | None = None) -> dict:
     """One slice (:func:`reconstruct`) or, for a multi-slice input without ``--slice``, every
-    slice in ``--slices`` (:func:`recon.volume.reconstruct_volume`)."""
+    slice in ``--slices`` (:func:`recon.volume.reconstruct_volume`; measured data:
+    :func:`recon.measured_volume.reconstruct_measured_volume`)."""
     if inputs.slices is not None and inputs.slice is not None:
         raise ReconError("give either --slice I (one slice) or --slices a:b, not both")
+    if inputs.slice_spacing is not None and not acq.measured:
+        raise ReconError("--slice-spacing describes measured data (--sinogram / --kspace); an image input "
+                         "carries its own slice spacing")
     if inputs.path and not acq.measured and inputs.slice is None:
         from recon.io import read_input
         from recon.volume import parse_slices, reconstruct_volume
@@ -200,9 +206,17 @@ def reconstruct_any(task, acq, settings: RunSettings, inputs: Inputs, out, log: 
             return reconstruct_volume(task, acq, settings, inputs, out, log, slices=(a, b), batch=inputs.batch,
                                       fp=fp, label=label, volume=vol)
         return reconstruct(task, acq, settings, replace(inputs, slice=a), out, log, fp=fp, label=label, volume=vol)
-    if inputs.slices is not None and acq.measured:
-        raise ReconError(f"--slices applies to image inputs; measured data ({acq.measured}) are reconstructed "
-                         "one slice at a time: choose it with --slice I")
+    if acq.measured and inputs.slice is None and not inputs.path:
+        from recon.measured_volume import reconstruct_measured_volume
+        from recon.volume import parse_slices
+
+        n, handle = task.measured_slices(acq)
+        a, b = parse_slices(inputs.slices, n, acq.measured)
+        if b - a > 1:
+            return reconstruct_measured_volume(task, acq, settings, inputs, out, log, slices=(a, b),
+                                               batch=inputs.batch, fp=fp, label=label, handle=handle)
+        if n > 1:  # one slice of a multi-slice file: the single-slice path, as --slice a
+            inputs = replace(inputs, slice=a)
     return reconstruct(task, acq, settings, inputs, out, log, fp=fp, label=label)
 
 

@@ -41,12 +41,16 @@ in the units of ``y``, is passed to the methods that accept it.
 
 Measured sinograms (``recon ct --sinogram FILE``)
 ------------------------------------------------
-The file is ``(views, detectors)``.  ``--sinogram-units image``: ``y = A x`` for
+The file is ``(views, detectors)``, or a stack ``(slices, views, detectors)`` whose slices
+share one geometry (read through a memory map, one slice at a time:
+:class:`MeasuredSinograms`; every slice is reconstructed as a study by
+:mod:`recon.measured_volume`, one with ``--slice I``).  ``--sinogram-units image``: ``y = A x`` for
 the working image with unit pixels; ``attenuation``: post-log line integrals
 (mu in 1/mm times mm), mapped to image units with the window and the pixel
 size ``--fov / --size`` (1 mm without ``--fov``); ``counts`` (implied by
 ``--flat``): raw counts, converted first by ``p = -log(max(I - D, e) /
-max(F - D, e))`` with ``e = 1e-6 * max(F - D)``
+max(F - D, e))`` with ``e = 1e-6 * max(F - D)`` (for a stack ``F`` and ``D`` are shared
+by every slice, or one per slice: ``(slices, views|1, detectors)``)
 (:func:`recon.acquisition.log_transform`; clamped entries counted in
 ``info['prelog']``), then read as attenuation.  View angles: ``--angles
 FILE`` (``--angle-units deg|rad``, one per view, distinct modulo 360 degrees),
@@ -74,7 +78,7 @@ from recon.case import Source, Truth, check_finite
 from recon.errors import ReconError
 from recon.preprocess import CT_WINDOW, hu_to_unit, square_resize, unit_to_hu
 
-__all__ = ["TASKS", "Task", "CTTask", "MRITask", "InpaintTask"]
+__all__ = ["TASKS", "Task", "CTTask", "MRITask", "InpaintTask", "MeasuredSinograms", "MeasuredKSpaces"]
 
 
 class Task:
@@ -175,6 +179,21 @@ class Task:
         the user's ``--size``), as a :class:`Measurement` with a reference image when one exists."""
         raise ReconError(f"{self.name}: no measured-data input for this task")
 
+    def measured_slices(self, acq) -> tuple[int, object]:
+        """``(slices in the measured file, handle)``; the handle (the file opened, or None) goes
+        back to :meth:`measured_study`.  Read as little as the format allows."""
+        return 1, None
+
+    def measured_study(self, acq, device, *, size, requested_size, window, seed=0, handle=None):
+        """Every slice of a multi-slice measured file (:mod:`recon.measured_volume`): an object
+        with ``n_slices``, ``batched`` (slices share one operator and scale: several go to a
+        method as one batch; else each alone), ``independent`` (why they are reconstructed
+        independently, or None), ``how`` (how the file is read), ``op`` (the shared operator or
+        None), ``validate(start, stop)`` (refuse bad slices up front where that is cheap) and
+        ``measurement(k, reference=True, seed=None)`` -> the :class:`Measurement` of slice ``k``
+        (``seed``: that slice's seed for anything random, e.g. MRI ``--noise``)."""
+        raise ReconError(f"{self.name}: no multi-slice measured-data input for this task")
+
     def manifest_entry(self, acq, inputs, entry: str):
         """``(acquisition, inputs)`` for one manifest line: by default an input image."""
         return acq, replace(inputs, path=entry)
@@ -272,82 +291,35 @@ class CTTask(Task):
         """A measured sinogram from ``--sinogram FILE`` (no ground truth; module docstring,
         "Measured sinograms"): raw counts converted to line integrals (``--flat``/``--dark``),
         the views at ``--angles`` (else equispaced), an evenly spread subset of ``--views N``,
-        and with ``--reference full`` the reconstruction of all measured views as the reference."""
-        from recon.acquisition import log_transform, read_angles, read_detector_field, select_views
-        from recon.io import read_npy
+        and with ``--reference full`` the reconstruction of all measured views as the reference.
+        A stack ``(slices, views, detectors)`` gives slice ``slice_index`` (default the middle one)."""
+        sinograms = self.measured_sinograms(acq, device, size=size, window=window)
+        if not sinograms.stack:
+            return sinograms.measurement(0)
+        n = sinograms.n_slices
+        k = n // 2 if slice_index is None else int(slice_index)
+        if not 0 <= k < n:
+            raise ReconError(f"{sinograms.path}: --slice {slice_index} out of range; the sinogram stack has {n} "
+                             f"slice(s) (valid: 0..{n - 1})")
+        return sinograms.measurement(k)
 
+    def measured_slices(self, acq):
+        from recon.io.images import npy_shape
+
+        try:
+            shape, _ = npy_shape(Path(acq.sinogram))
+        except ReconError:  # reported by the reader, with the single-slice path's message
+            return 1, None
+        return (shape[0] if len(shape) == 3 else 1), None
+
+    def measured_study(self, acq, device, *, size, requested_size=None, window, seed=0, handle=None):
+        return self.measured_sinograms(acq, device, size=size, window=window)
+
+    def measured_sinograms(self, acq: CTAcquisition, device, *, size, window) -> "MeasuredSinograms":
+        """The measured sinogram file opened for reading one slice at a time (:class:`MeasuredSinograms`)."""
         if size is None:
             raise ReconError("--size S is required with --sinogram (the reconstructed image is SxS)")
-        path = Path(acq.sinogram)
-        arr = read_npy(path)
-        if np.iscomplexobj(arr) or arr.ndim != 2:
-            raise ReconError(f"{path}: expected a real 2-D sinogram (views, detectors), got "
-                             f"{'complex ' if np.iscomplexobj(arr) else ''}shape {arr.shape}")
-        check_finite(arr, str(path))
-        n_meas, n_det = arr.shape
-        info = {"model": "measured", "file": str(path), "sinogram_units": acq.sinogram_units,
-                "measured_views": n_meas}
-        if acq.sinogram_units == "counts":
-            flat = read_detector_field(acq.flat, "--flat", n_meas, n_det)
-            dark = read_detector_field(acq.dark, "--dark", n_meas, n_det) if acq.dark else 0.0
-            arr, prelog = log_transform(arr, flat, dark)
-            if prelog["clamped_counts"] == prelog["entries"]:
-                raise ReconError(f"{path}: every count is at or below the dark field (no transmitted photons "
-                                 "after I - D); check the sinogram, --flat and --dark")
-            info["prelog"] = {**prelog, "flat": str(acq.flat), "dark": acq.dark and str(acq.dark)}
-        if acq.angles:
-            angles = read_angles(acq.angles, acq.angle_units, n_meas)
-            info.update(angles_file=str(acq.angles), angle_units=acq.angle_units)
-        else:
-            angles = acq.view_angles(n_meas).double().numpy()
-            arc = acq.limited_angle if acq.limited_angle is not None else math.degrees(acq.period)
-            info["angles_from"] = f"{n_meas} equispaced views over [0, {arc:g}) degrees (no --angles)"
-        if acq.views is not None and acq.views > n_meas:
-            raise ReconError(f"{path}: --views {acq.views} but the sinogram has only {n_meas} measured views "
-                             f"(first axis); choose --views N <= {n_meas} to select a sparse subset, or leave it "
-                             "out to use every view")
-        keep = np.arange(n_meas) if acq.views is None else select_views(angles, acq.views, acq.period)
-        if len(keep) < n_meas:
-            info.update(selected_views=[int(i) for i in keep],
-                        selection=f"{len(keep)} of {n_meas} views: ordered by angle modulo "
-                                  f"{math.degrees(acq.period):g} degrees, positions floor(k * {n_meas} / "
-                                  f"{len(keep)} + 1/2), k = 0..{len(keep) - 1}")
-        info["views"] = len(keep)
-        info["angles_deg"] = [round(float(v), 6) for v in np.rad2deg(angles[keep])]
-        det_px = acq.det_spacing_pixels(size)
-
-        def operator(a):
-            return acq.operator(size, device, angles=a, n_det=n_det, det_spacing=det_px)
-
-        op = operator(angles[keep])
-        magnification = getattr(op, "detector_distance", 1.0) / getattr(op, "source_distance", 1.0)
-        info["detector"] = {"n_det": n_det, "det_spacing_mm": acq.det_spacing, "det_spacing_pixels": op.det_spacing,
-                            "width_at_axis_pixels": n_det * op.det_spacing / magnification,
-                            "spacing_measured": "on the detector (fan beam)" if acq.geometry == "fan" else
-                                                "at the rotation axis (parallel beam)"}
-        y_all = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None].to(device)
-        y = y_all[:, torch.from_numpy(keep).to(device)]
-        physical = acq.sinogram_units in ("attenuation", "counts")  # line integrals: y = (p - b A(1)) / a
-        if physical:
-            pixel_mm = (acq.fov / size) if acq.fov else 1.0
-            a, b = ct_line_integral_coefficients(window, pixel_mm)
-            info.update(pixel_mm=pixel_mm, a=a, b=b, window=list(window))
-
-        def to_image_units(sino, projector):
-            if not physical:
-                return sino
-            return (sino - b * projector.A(torch.ones((1, size, size), device=device))) / a
-
-        y = to_image_units(y, op)
-        sigma_y = float(acq.sigma_y or 0.0)
-        info["sigma_y"] = sigma_y
-        reference = None
-        if acq.reference is not None:
-            full_op = op if len(keep) == n_meas else operator(angles)
-            y_full = to_image_units(y_all, full_op)
-            reference, info["reference"], info["reference_method"] = self._full_reference(
-                acq, y_full, full_op, size, window)
-        return Measurement(y=y, op=op, sigma_y=sigma_y, info=info, reference=reference)
+        return MeasuredSinograms(self, acq, device, size, window)
 
     def _full_reference(self, acq: CTAcquisition, y, op, size: int, window):
         """``--reference full[:METHOD]``: the reconstruction of every measured view, on the working
@@ -409,6 +381,182 @@ class CTTask(Task):
 
     def extra_outputs(self, meas):
         return {"sinogram.npy": ("npy", meas.y[0].float().cpu().numpy())}
+
+
+class MeasuredSinograms:
+    """A measured sinogram file, ``(views, detectors)`` or a stack ``(slices, views,
+    detectors)`` sharing one geometry, opened as a memory map: the operator, view selection
+    and pre-log fields are set up once, :meth:`measurement` reads and converts one slice.
+
+    Attributes: ``path``, ``stack`` (3-D file), ``n_slices``, ``op`` (the operator of the
+    selected views), ``info`` (what every slice shares); as a study (:meth:`Task.measured_study`)
+    its slices go to a method as one batch."""
+
+    batched = True
+    independent = None
+    how = "one slice at a time (memory-mapped .npy)"
+
+    def __init__(self, task: "CTTask", acq: CTAcquisition, device, size: int, window):
+        from recon.acquisition import read_angles, read_detector_field, select_views
+        from recon.io import open_npy
+
+        self.task, self.acq, self.device, self.size, self.window = task, acq, device, size, tuple(window)
+        path = self.path = Path(acq.sinogram)
+        arr = open_npy(path)
+        if np.iscomplexobj(arr) or arr.ndim not in (2, 3):
+            raise ReconError(f"{path}: expected a real sinogram (views, detectors) or a stack of them (slices, "
+                             f"views, detectors), got {'complex ' if np.iscomplexobj(arr) else ''}shape "
+                             f"{arr.shape}")
+        self.arr, self.stack = arr, arr.ndim == 3
+        self.n_slices = arr.shape[0] if self.stack else 1
+        n_meas, n_det = arr.shape[-2:]
+        info = {"model": "measured", "file": str(path), "sinogram_units": acq.sinogram_units,
+                "measured_views": n_meas}
+        if self.stack:
+            info["slices_in_file"] = self.n_slices
+        self.flat = self.dark = None
+        if acq.sinogram_units == "counts":
+            stack_n = self.n_slices if self.stack else None
+            self.flat = read_detector_field(acq.flat, "--flat", n_meas, n_det, stack_n)
+            self.dark = read_detector_field(acq.dark, "--dark", n_meas, n_det, stack_n) if acq.dark else None
+        if acq.angles:
+            angles = read_angles(acq.angles, acq.angle_units, n_meas)
+            info.update(angles_file=str(acq.angles), angle_units=acq.angle_units)
+        else:
+            angles = acq.view_angles(n_meas).double().numpy()
+            arc = acq.limited_angle if acq.limited_angle is not None else math.degrees(acq.period)
+            info["angles_from"] = f"{n_meas} equispaced views over [0, {arc:g}) degrees (no --angles)"
+        if acq.views is not None and acq.views > n_meas:
+            raise ReconError(f"{path}: --views {acq.views} but the sinogram has only {n_meas} measured views "
+                             f"({'second' if self.stack else 'first'} axis); choose --views N <= {n_meas} to "
+                             "select a sparse subset, or leave it out to use every view")
+        keep = np.arange(n_meas) if acq.views is None else select_views(angles, acq.views, acq.period)
+        if len(keep) < n_meas:
+            info.update(selected_views=[int(i) for i in keep],
+                        selection=f"{len(keep)} of {n_meas} views: ordered by angle modulo "
+                                  f"{math.degrees(acq.period):g} degrees, positions floor(k * {n_meas} / "
+                                  f"{len(keep)} + 1/2), k = 0..{len(keep) - 1}")
+        info["views"] = len(keep)
+        info["angles_deg"] = [round(float(v), 6) for v in np.rad2deg(angles[keep])]
+        self.det_px = acq.det_spacing_pixels(size)
+        self.angles, self.keep, self.n_meas, self.n_det = angles, keep, n_meas, n_det
+        op = self.op = self._operator(angles[keep])
+        magnification = getattr(op, "detector_distance", 1.0) / getattr(op, "source_distance", 1.0)
+        info["detector"] = {"n_det": n_det, "det_spacing_mm": acq.det_spacing, "det_spacing_pixels": op.det_spacing,
+                            "width_at_axis_pixels": n_det * op.det_spacing / magnification,
+                            "spacing_measured": "on the detector (fan beam)" if acq.geometry == "fan" else
+                                                "at the rotation axis (parallel beam)"}
+        self.physical = acq.sinogram_units in ("attenuation", "counts")  # line integrals: y = (p - b A(1)) / a
+        if self.physical:
+            pixel_mm = (acq.fov / size) if acq.fov else 1.0
+            self.a, self.b = ct_line_integral_coefficients(window, pixel_mm)
+            info.update(pixel_mm=pixel_mm, a=self.a, b=self.b, window=list(window))
+        self.sigma_y = float(acq.sigma_y or 0.0)
+        info["sigma_y"] = self.sigma_y
+        self.info = info
+        self._offsets: dict = {}
+        self._full_op = None
+
+    def _operator(self, angles):
+        return self.acq.operator(self.size, self.device, angles=angles, n_det=self.n_det, det_spacing=self.det_px)
+
+    def _to_image_units(self, sino: torch.Tensor, projector) -> torch.Tensor:
+        if not self.physical:
+            return sino
+        key = id(projector)
+        if key not in self._offsets:  # b A(1): the same for every slice
+            self._offsets[key] = self.b * projector.A(torch.ones((1, self.size, self.size), device=self.device))
+        return (sino - self._offsets[key]) / self.a
+
+    def _field(self, field, option: str, k: int):
+        if field is None or field.ndim == 2:
+            return field
+        from recon.case import check_finite
+
+        one = np.asarray(field[k], dtype=np.float64)
+        check_finite(one, f"{getattr(self.acq, option.strip('-'))} ({option}, slice {k})")
+        return one
+
+    def validate(self, start: int, stop: int) -> None:
+        """Refuse NaN or infinite values in slices ``[start, stop)`` before any work (one slice read at a time)."""
+        for k in range(start, stop):
+            one = self.arr[k] if self.stack else self.arr
+            if not np.isfinite(one).all():
+                check_finite(np.asarray(one), f"{self.path} (slice {k})" if self.stack else str(self.path))
+
+    def measurement(self, k: int, reference: bool = True, seed: int | None = None) -> Measurement:
+        """Slice ``k`` (0 for a 2-D file): its views in the working image's units, with the
+        ``--reference full`` reconstruction of all its measured views when asked for (and
+        ``reference``).  ``seed`` is not used (nothing random is added to measured sinograms)."""
+        from recon.acquisition import log_transform
+
+        label = f"{self.path} (slice {k})" if self.stack else str(self.path)
+        arr = np.asarray(self.arr[k] if self.stack else self.arr)
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: refused below
+            arr = arr.astype(np.float32)
+        check_finite(arr, label)
+        info = dict(self.info)
+        if self.stack:
+            info["slice"] = int(k)
+        if self.flat is not None:
+            flat = self._field(self.flat, "--flat", k)
+            dark = self._field(self.dark, "--dark", k) if self.dark is not None else 0.0
+            arr, prelog = log_transform(arr, flat, dark)
+            if prelog["clamped_counts"] == prelog["entries"]:
+                raise ReconError(f"{label}: every count is at or below the dark field (no transmitted photons "
+                                 "after I - D); check the sinogram, --flat and --dark")
+            info["prelog"] = {**prelog, "flat": str(self.acq.flat), "dark": self.acq.dark and str(self.acq.dark)}
+        y_all = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None].to(self.device)
+        y = self._to_image_units(y_all[:, torch.from_numpy(self.keep).to(self.device)], self.op)
+        ref_img = None
+        if self.acq.reference is not None and reference:
+            if self._full_op is None:
+                self._full_op = self.op if len(self.keep) == self.n_meas else self._operator(self.angles)
+            y_full = self._to_image_units(y_all, self._full_op)
+            ref_img, info["reference"], info["reference_method"] = self.task._full_reference(
+                self.acq, y_full, self._full_op, self.size, self.window)
+        return Measurement(y=y, op=self.op, sigma_y=self.sigma_y, info=info, reference=ref_img)
+
+
+class MeasuredKSpaces:
+    """The slices of a multi-slice k-space file as a study (:meth:`Task.measured_study`): each
+    slice is read alone (:func:`recon.io.kspace_slices`) and measured by
+    :meth:`MRITask.measured` with its own coil maps, intensity scale and noise estimate, so the
+    slices are reconstructed independently, one method call each.  The retrospective mask is
+    the same for every slice (drawn with ``seed``, as a 2-D multi-slice scan samples every
+    slice alike); ``--noise`` gets the slice's own seed (the runner passes
+    :func:`recon.volume.slice_seed`)."""
+
+    batched = False
+    independent = ("each k-space slice has its own coil sensitivity maps and intensity scale, so slices are "
+                   "reconstructed independently")
+    op = None
+
+    def __init__(self, task: "MRITask", acq: MRIAcquisition, device, seed: int, handle):
+        self.task, self.acq, self.device, self.seed = task, acq, device, int(seed)
+        self.path = Path(acq.kspace)
+        self.n_slices, self._read, self.how = handle
+        self.reference = None
+        if acq.reference:  # a volume with one slice per k-space slice, read once
+            from recon.io import read_input
+
+            rp = Path(acq.reference)
+            cfl = rp.suffix.lower() in (".cfl", ".hdr") or rp.with_suffix(".cfl").is_file()
+            vol = None if cfl else read_input(rp)
+            n_ref = 1 if vol is None else vol.n_slices
+            if n_ref != self.n_slices:
+                raise ReconError(f"{rp}: --reference has {n_ref} slice(s) but {self.path} has {self.n_slices} "
+                                 "k-space slices; give a reference volume with one slice per k-space slice, or "
+                                 "reconstruct one slice with --slice I")
+            self.reference = vol.data
+
+    def validate(self, start: int, stop: int) -> None:
+        """Nothing up front: each slice is checked as it is read (reading k-space twice costs)."""
+
+    def measurement(self, k: int, reference: bool = True, seed: int | None = None) -> Measurement:
+        return self.task.measured(self.acq, self.device, seed=self.seed, slice_index=int(k),
+                                  kspace=self._read(k), noise_seed=seed,
+                                  reference_image=None if self.reference is None else self.reference[int(k)])
 
 
 # ---------------------------------------------------------------------------
@@ -547,9 +695,24 @@ class MRITask(Task):
             return replace(acq, kspace=entry), replace(inputs, path=None)
         return acq, replace(inputs, path=entry)
 
+    def measured_slices(self, acq):
+        from recon.io import kspace_slices
+
+        n, read, how = kspace_slices(acq.kspace, acq.dataset, from_image=acq.from_image)
+        return n, (n, read, how)
+
+    def measured_study(self, acq, device, *, size=None, requested_size=None, window=None, seed=0, handle=None):
+        if requested_size is not None:
+            raise ReconError("--size cannot be used with --kspace: the k-space sets the image size")
+        return MeasuredKSpaces(self, acq, device, seed, handle or self.measured_slices(acq)[1])
+
     def measured(self, acq: MRIAcquisition, device, *, size=None, requested_size=None, window=None, seed=0,
-                 slice_index=None) -> Measurement:
-        """``--kspace FILE``: the measurement, with a reference image for metrics when one exists."""
+                 slice_index=None, kspace=None, noise_seed=None, reference_image=None) -> Measurement:
+        """``--kspace FILE``: the measurement, with a reference image for metrics when one exists.
+        ``kspace``: slice ``slice_index`` already read (a one-slice :class:`recon.io.KSpace`, as
+        :mod:`recon.measured_volume` streams a study) and ``reference_image`` its slice of the
+        ``--reference`` volume; ``noise_seed``: the seed of ``--noise`` (default ``seed``, which
+        also draws the retrospective mask)."""
         from forward_models import CartesianMRI, GaussianNoise, SenseMRI, estimate_sensitivity_maps
         from recon.io import kspace_to_image, read_kspace
 
@@ -557,13 +720,17 @@ class MRITask(Task):
             raise ReconError("--size cannot be used with --kspace: the k-space sets the image size")
         path = Path(acq.kspace)
         suffix = path.suffix.lower()
-        slice_arg = slice_index if suffix in (".h5", ".hdf5") else None
-        ks = read_kspace(path, dataset=acq.dataset, from_image=acq.from_image, slice_index=slice_arg)
+        if kspace is not None:
+            ks, slice_arg, label = kspace, 0, f"{path} (slice {slice_index})"
+        else:
+            slice_arg = slice_index if suffix in (".h5", ".hdf5") else None
+            ks = read_kspace(path, dataset=acq.dataset, from_image=acq.from_image, slice_index=slice_arg)
+            label = str(path)
         k_index = 0 if slice_arg is not None else (ks.n_slices // 2 if slice_index is None else slice_index)
         if not 0 <= k_index < ks.n_slices:
             raise ReconError(f"{path}: --slice {slice_index} out of range; the file has {ks.n_slices} slice(s)")
         k = np.asarray(ks.data[k_index])  # (C, H, W)
-        check_finite(k, str(path))
+        check_finite(k, label)
         C, H, W = k.shape
         if not acq.from_image:
             _refuse_image_as_kspace(k, path)
@@ -628,13 +795,13 @@ class MRITask(Task):
                                     "80 % of the radius, where the object's signal has faded: measured data "
                                     "are never noise-free" if sigma_y else "too few outer samples: assumed 0")
         if acq.noise:
-            gen = torch.Generator(device=device).manual_seed(seed)
+            gen = torch.Generator(device=device).manual_seed(seed if noise_seed is None else noise_seed)
             noise = GaussianNoise(acq.noise, relative=True)
             sigma_y = float(noise.std(y, op.mask).flatten()[0])
             y = noise(y, generator=gen, mask=op.mask)
             info["added_noise_relative"] = acq.noise
         info["sigma_y"] = sigma_y
-        reference, ref_name = self._reference(acq, ks, slice_arg, k_index, undersampled, rss)
+        reference, ref_name = self._reference(acq, ks, slice_arg, k_index, undersampled, rss, reference_image)
         if reference is not None:
             if reference.shape != (H, W):
                 info["reference_crop"] = list(reference.shape)
@@ -644,18 +811,21 @@ class MRITask(Task):
         return Measurement(y=y, op=op, sigma_y=sigma_y, info=info, reference=reference)
 
     @staticmethod
-    def _reference(acq, ks, slice_arg, k_index, undersampled, rss):
+    def _reference(acq, ks, slice_arg, k_index, undersampled, rss, given=None):
         """Reference for metrics: --reference > the file's own reference > the fully sampled RSS.
 
         ``--reference`` must have the reconstruction's shape (the k-space's); the file's own
-        reference may be a centre crop of it (fastMRI's 320x320), never larger."""
+        reference may be a centre crop of it (fastMRI's 320x320), never larger.  ``given``: the
+        slice of a ``--reference`` volume already read (a study), else its middle slice is read."""
         H, W = rss.shape
         reference, ref_name = None, None
         if acq.reference:
             from recon.io import read_cfl, read_input
 
             rp = Path(acq.reference)
-            if rp.suffix.lower() in (".cfl", ".hdr") or rp.with_suffix(".cfl").is_file():
+            if given is not None:  # this slice of a --reference volume (a study)
+                reference = np.abs(given)
+            elif rp.suffix.lower() in (".cfl", ".hdr") or rp.with_suffix(".cfl").is_file():
                 ref = np.squeeze(np.abs(read_cfl(rp.with_suffix("") if rp.suffix.lower() in (".cfl", ".hdr")
                                                  else rp)))
                 if ref.ndim > 2:  # e.g. BART pics with several ESPIRiT maps: root-sum-of-squares

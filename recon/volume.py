@@ -112,7 +112,12 @@ class PartStore:
     def done(self, k: int) -> bool:
         return self.path(k).is_file()
 
-    def save(self, k: int, img: np.ndarray, std: np.ndarray | None, seconds: float, extra: np.ndarray | None):
+    def save(self, k: int, img: np.ndarray, std: np.ndarray | None, seconds: float, extra: np.ndarray | None,
+             info: dict | None = None):
+        """Slice ``k``: its image, std, seconds, an extra array and a JSON-able ``info`` dict
+        (loaded back as ``info``)."""
+        import json
+
         from recon.io._util import atomic_output
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -121,14 +126,21 @@ class PartStore:
             arrays["std"] = np.asarray(std, np.float32)
         if extra is not None:
             arrays["extra"] = np.asarray(extra, np.float32)
+        if info is not None:
+            arrays["info"] = np.array(json.dumps(info))
         with atomic_output(self.path(k), ".npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
     def load(self, k: int) -> dict:
+        import json
+
         try:
             with np.load(self.path(k), allow_pickle=False) as z:
-                return {key: z[key] for key in z.files}
+                part = {key: z[key] for key in z.files}
+            if "info" in part:
+                part["info"] = json.loads(str(part["info"]))
+            return part
         except Exception as e:  # a damaged part is recomputed
             raise OSError(f"unreadable part {self.path(k)}: {e}") from e
 

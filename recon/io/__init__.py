@@ -13,8 +13,8 @@ into place.
 
 from recon.io.cases import Case, discover_cases
 from recon.io.dicom import SeriesInfo, is_dicom_file, list_series, read_dicom, write_dicom_series
-from recon.io.images import read_image, read_npy, write_npy, write_png
-from recon.io.kspace import (KSpace, image_to_kspace, is_ismrmrd, kspace_to_image, read_cfl,
+from recon.io.images import open_npy, read_image, read_npy, write_npy, write_png
+from recon.io.kspace import (KSpace, image_to_kspace, is_ismrmrd, kspace_slices, kspace_to_image, read_cfl,
                              read_complex_image, read_ismrmrd, read_kspace, read_siemens_twix, write_cfl)
 from recon.io.nifti import read_nifti, write_nifti
 from recon.io.readers import SUPPORTED_FORMATS, input_format, read_input
@@ -22,8 +22,9 @@ from recon.io.volume import LPS_TO_RAS, Volume
 
 __all__ = [
     "Case", "KSpace", "LPS_TO_RAS", "SUPPORTED_FORMATS", "SeriesInfo", "Volume",
-    "discover_cases", "image_to_kspace", "input_format", "is_dicom_file", "is_ismrmrd", "kspace_to_image",
-    "list_series", "read_cfl", "read_complex_image", "read_dicom", "read_image", "read_input",
+    "discover_cases", "image_to_kspace", "input_format", "is_dicom_file", "is_ismrmrd", "kspace_slices",
+    "kspace_to_image",
+    "list_series", "open_npy", "read_cfl", "read_complex_image", "read_dicom", "read_image", "read_input",
     "read_ismrmrd", "read_kspace", "read_npy", "read_nifti", "read_siemens_twix", "write_cfl", "write_dicom_series", "write_nifti",
     "write_npy", "write_png",
 ]

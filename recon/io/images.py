@@ -11,6 +11,7 @@ one ``complex64``.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import numpy as np
 from recon.errors import ReconError
 from recon.io._util import BoundedReader, atomic_output, check_size, quiet, require_file, short
 
-__all__ = ["read_image", "read_npy", "write_png", "write_npy", "IMAGE_SUFFIXES",
+__all__ = ["read_image", "read_npy", "open_npy", "write_png", "write_npy", "IMAGE_SUFFIXES",
            "npy_shape"]
 
 #: Raster formats read by :func:`read_image` (besides ``.npy``).
@@ -136,6 +137,36 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
                          f"{getattr(arr, 'shape', '?')}; expected a non-empty numeric array")
     with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf
         return arr.astype(np.complex64 if np.iscomplexobj(arr) else np.float32)
+
+
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """A numeric ``.npy`` array opened as a read-only memory map (nothing read yet), for
+    streaming a volume one slice at a time.
+
+    The header is checked as :func:`read_npy` checks it (numeric dtype, non-empty, the data
+    present in the file), except that the :func:`recon.io._util.max_bytes` limit applies to
+    one slice (the first axis) once decoded, not to the whole array."""
+    path = require_file(path)
+    shape, _, dtype, offset, size = _npy_header(path)
+    if not _numeric(dtype):
+        raise ReconError(f"{path}: .npy holds {dtype} data; expected a numeric (real or complex) "
+                         "array - re-save it with numpy.save(path, array.astype('float32'))")
+    out_itemsize = max(8 if dtype.kind == "c" else 4, dtype.itemsize)
+    check_size(path, shape[1:] if len(shape) > 2 else shape, "one slice of the .npy array", out_itemsize)
+    stored = math.prod(shape) * dtype.itemsize
+    if stored > size - offset:
+        raise ReconError(f"{path}: the header describes a .npy array of shape {shape} ({stored} bytes) but the "
+                         f"file holds only {max(size - offset, 0)} bytes of data; the file is truncated or its "
+                         "header is corrupt - re-export it")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise ReconError(f"{path}: cannot read this .npy file: it is truncated, corrupt or holds "
+                         f"Python objects ({short(exc)}); re-save it with numpy.save") from exc
+    if not isinstance(arr, np.ndarray) or not _numeric(arr.dtype) or arr.size == 0:
+        raise ReconError(f"{path}: .npy holds {getattr(arr, 'dtype', type(arr))} data of shape "
+                         f"{getattr(arr, 'shape', '?')}; expected a non-empty numeric array")
+    return arr
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -45,16 +45,16 @@ import contextlib
 import importlib
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from recon.errors import ReconError
 from recon.io._util import atomic_output, check_size, quiet, require_file, short
 
-__all__ = ["KSpace", "read_kspace", "read_cfl", "write_cfl", "read_complex_image", "read_ismrmrd",
+__all__ = ["KSpace", "read_kspace", "kspace_slices", "read_cfl", "write_cfl", "read_complex_image", "read_ismrmrd",
            "read_siemens_twix", "is_ismrmrd", "image_to_kspace", "kspace_to_image", "KSPACE_SUFFIXES",
            "ISMRMRD_SKIPPED_FLAGS"]
 
@@ -1205,3 +1205,63 @@ def read_kspace(path: str | os.PathLike, dataset: str | None = None, *,
                          "ISMRMRD or fastMRI .h5, Siemens raw data .dat, BART .cfl/.hdr (or the base name), "
                          "complex .npy")
     return readers[suffix]()
+
+
+def _fastmri_slice_count(path: Path, dataset: str | None) -> int | None:
+    """Slices of a fastMRI k-space dataset from its shape (nothing read), or None when the
+    dataset is missing or odd (the reader then says what is wrong)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            ds = fh.get(dataset or "kspace")
+            if not isinstance(ds, h5py.Dataset) or ds.shape is None:
+                return None
+            shape = tuple(int(d) for d in ds.shape)
+            kind = _complex_kind(ds.dtype, shape)
+    except Exception:
+        return None
+    if kind is None:
+        return None
+    spatial = shape[:-1] if kind == "pairs" else shape
+    return shape[0] if len(spatial) in (3, 4) else None
+
+
+def kspace_slices(path: str | os.PathLike, dataset: str | None = None, *,
+                  from_image: bool = False) -> tuple[int, Callable[[int], KSpace], str]:
+    """A k-space file slice by slice: ``(n_slices, read, how)``; ``read(k)`` gives slice ``k``
+    as a one-slice :class:`KSpace` (its reference and mask sliced too), ``how`` says how.
+
+    fastMRI ``.h5`` is read one slice at a time (h5py reads only that slice), a 4-D complex
+    ``.npy`` through a memory map; other formats (ISMRMRD and Siemens raw data, whose readers
+    assemble the whole acquisition; BART ``.cfl``; ``from_image``) are read once, whole."""
+    from recon.io.images import npy_shape, open_npy
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if not from_image and suffix in (".h5", ".hdf5") and not is_ismrmrd(require_file(p), dataset or "dataset"):
+        n = _fastmri_slice_count(p, dataset)
+        if n is not None and n > 1:
+            return n, lambda k: _kspace_from_h5(p, dataset, int(k)), "one slice at a time (HDF5 slice reads)"
+    if not from_image and suffix == ".npy":
+        shape, dtype = npy_shape(require_file(p))
+        if dtype.kind == "c" and len(shape) == 4 and shape[0] > 1:
+            mm = open_npy(p)
+
+            def read_npy_slice(k: int) -> KSpace:
+                return KSpace(data=np.ascontiguousarray(mm[int(k)][None], dtype=np.complex64), source=str(p),
+                              layout=".npy (slices, coils, H, W) -> (slices, coils, H, W)")
+
+            return int(shape[0]), read_npy_slice, "one slice at a time (memory-mapped .npy)"
+    ks = read_kspace(p, dataset, from_image=from_image)
+    n = ks.n_slices
+
+    def one(k: int) -> KSpace:
+        k = int(k)
+        mask = ks.mask
+        if mask is not None and mask.ndim == 3 and mask.shape[0] == n:
+            mask = mask[k:k + 1]
+        return replace(ks, data=ks.data[k:k + 1], mask=mask,
+                       reference=None if ks.reference is None else ks.reference[k:k + 1])
+
+    return n, one, "the whole file read once (this format is assembled as a whole)"
