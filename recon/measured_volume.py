@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from recon.errors import ReconError
-from recon.volume import DEFAULT_BATCH, HALO, PartStore, couples_slices, plan_batches, slice_seed
+from recon.volume import DEFAULT_BATCH, HALO, PartStore, couples_slices, default_z_weight, plan_batches, slice_seed
 
 __all__ = ["reconstruct_measured_volume", "measured_file_signatures"]
 
@@ -62,13 +62,19 @@ def measured_file_signatures(acq) -> list:
     out = []
     for name in ("sinogram", "flat", "dark", "angles", "kspace", "mask_file", "reference"):
         value = getattr(acq, name, None)
-        if not value or str(value).startswith("full"):
-            continue
-        for p in (Path(value), Path(str(value) + ".cfl")):
-            if p.is_file():
-                st = p.stat()
-                out.append([name, str(p.resolve()), st.st_size, st.st_mtime_ns])
-                break
+        text = str(value or "")
+        if not value or (name == "reference" and (text == "full" or text.startswith("full:"))):
+            continue  # CT's --reference full[:METHOD] names no file (a file may start with "full")
+        p = Path(text)
+        if p.suffix.lower() in (".cfl", ".hdr") or not p.is_file():  # BART: the data and its header
+            base = text[:-4] if p.suffix.lower() in (".cfl", ".hdr") else text
+            paths = [Path(base + ".cfl"), Path(base + ".hdr")]
+        else:
+            paths = [p]
+        for q in paths:
+            if q.is_file():
+                st = q.stat()
+                out.append([name, str(q.resolve()), st.st_size, st.st_mtime_ns])
     return out
 
 
@@ -132,8 +138,11 @@ def reconstruct_measured_volume(task, acq, settings, inputs, out, log: Callable[
                 coupled = False
             log(f"{what}: slice coupling {coupling}")
         elif coupled:
-            coupling = (f"on: {run.name} couples each batch of consecutive slices (z_weight > 0), with {HALO} "
+            run, z_record = default_z_weight(run, spacing)
+            coupling = (f"on: {run.name} couples each batch of consecutive slices (z_weight "
+                        f"{z_record['z_weight']:.3g}: {z_record['from']}), with {HALO} "
                         "neighbour slices each side reconstructed and discarded")
+            log(f"{what}: slice coupling {coupling}")
         else:
             coupling = f"none: {run.name} reconstructs each slice on its own"
         batch = batch if study.batched else 1

@@ -54,9 +54,10 @@ class Inputs:
 
 
 def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Callable[[str], None] = print, *,
-                fp: str | None = None, label: str | None = None, volume=None) -> dict:
+                fp: str | None = None, label: str | None = None, volume=None, measured_handle=None) -> dict:
     """Reconstruct one case into ``out`` (staged); returns the run record (also ``run.json``).
-    ``volume``: the input already read (:func:`reconstruct_any`), not read again."""
+    ``volume``: the input already read (:func:`reconstruct_any`), not read again; likewise
+    ``measured_handle``: the measured file as :meth:`Task.measured_slices` opened it."""
     from recon.case import load_source
     from recon.io import write_npy, write_png
     from recon.io.derived import write_image_outputs
@@ -94,7 +95,8 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
         truth, geometry_note = None, None
         if measured:
             meas = task.measured(acq, device, size=size, requested_size=settings.size, window=window,
-                                 seed=settings.seed, slice_index=inputs.slice)
+                                 seed=settings.seed, slice_index=inputs.slice,
+                                 **({} if measured_handle is None else {"handle": measured_handle}))
             timings["load"] = time.perf_counter() - t0
         else:
             truth, acq, geometry_note = prepare_truth(task, acq, source, size, window, log)
@@ -217,6 +219,7 @@ def reconstruct_any(task, acq, settings: RunSettings, inputs: Inputs, out, log: 
                                                batch=inputs.batch, fp=fp, label=label, handle=handle)
         if n > 1:  # one slice of a multi-slice file: the single-slice path, as --slice a
             inputs = replace(inputs, slice=a)
+        return reconstruct(task, acq, settings, inputs, out, log, fp=fp, label=label, measured_handle=handle)
     return reconstruct(task, acq, settings, inputs, out, log, fp=fp, label=label)
 
 

@@ -541,9 +541,13 @@ class MeasuredKSpaces:
             from recon.io import read_input
 
             rp = Path(acq.reference)
-            cfl = rp.suffix.lower() in (".cfl", ".hdr") or rp.with_suffix(".cfl").is_file()
-            vol = None if cfl else read_input(rp)
-            n_ref = 1 if vol is None else vol.n_slices
+            if rp.suffix.lower() in (".cfl", ".hdr") or rp.with_suffix(".cfl").is_file():
+                raise ReconError(f"{rp}: a BART --reference is read as one image (its further dimensions are "
+                                 f"maps, combined by root-sum-of-squares), but {self.path} has {self.n_slices} "
+                                 "k-space slices; give a reference volume with one slice per k-space slice "
+                                 "(NIfTI or a DICOM series), or reconstruct one slice with --slice I")
+            vol = read_input(rp)
+            n_ref = vol.n_slices
             if n_ref != self.n_slices:
                 raise ReconError(f"{rp}: --reference has {n_ref} slice(s) but {self.path} has {self.n_slices} "
                                  "k-space slices; give a reference volume with one slice per k-space slice, or "
@@ -707,12 +711,13 @@ class MRITask(Task):
         return MeasuredKSpaces(self, acq, device, seed, handle or self.measured_slices(acq)[1])
 
     def measured(self, acq: MRIAcquisition, device, *, size=None, requested_size=None, window=None, seed=0,
-                 slice_index=None, kspace=None, noise_seed=None, reference_image=None) -> Measurement:
+                 slice_index=None, kspace=None, noise_seed=None, reference_image=None, handle=None) -> Measurement:
         """``--kspace FILE``: the measurement, with a reference image for metrics when one exists.
         ``kspace``: slice ``slice_index`` already read (a one-slice :class:`recon.io.KSpace`, as
         :mod:`recon.measured_volume` streams a study) and ``reference_image`` its slice of the
         ``--reference`` volume; ``noise_seed``: the seed of ``--noise`` (default ``seed``, which
-        also draws the retrospective mask)."""
+        also draws the retrospective mask); ``handle``: the file as :meth:`measured_slices` opened
+        it (the single-slice path after it: the file is not read a second time)."""
         from forward_models import CartesianMRI, GaussianNoise, SenseMRI, estimate_sensitivity_maps
         from recon.io import kspace_to_image, read_kspace
 
@@ -720,8 +725,13 @@ class MRITask(Task):
             raise ReconError("--size cannot be used with --kspace: the k-space sets the image size")
         path = Path(acq.kspace)
         suffix = path.suffix.lower()
+        if kspace is None and handle is not None:
+            n_handle, read_slice, _ = handle
+            if slice_index is None and n_handle == 1 or slice_index is not None and 0 <= slice_index < n_handle:
+                kspace = read_slice(0 if slice_index is None else int(slice_index))
         if kspace is not None:
-            ks, slice_arg, label = kspace, 0, f"{path} (slice {slice_index})"
+            ks, slice_arg = kspace, 0
+            label = str(path) if slice_index is None else f"{path} (slice {slice_index})"
         else:
             slice_arg = slice_index if suffix in (".h5", ".hdf5") else None
             ks = read_kspace(path, dataset=acq.dataset, from_image=acq.from_image, slice_index=slice_arg)

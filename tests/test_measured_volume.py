@@ -7,6 +7,7 @@ Synthetic data only: 32 px disc phantoms projected with the repo's own operator,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -225,19 +226,36 @@ def test_affine_from_fov_and_slice_spacing(tmp_path, capsys):
     assert rec["pixel_mm"] == 2.0 and rec["slice_spacing_mm"] == 2.5
 
 
+def test_slice_spacing_scales_the_default_coupling(tmp_path, capsys):
+    from recon.baselines import TV3D_Z_WEIGHT
+
+    _sinograms(tmp_path / "sino.npy")
+    rc, err = _run(_ct(tmp_path, "v", "--method", "tv3d", "--param", "n_iter=5", "--slice-spacing", 8), capsys)
+    assert rc == 0, err
+    rec = json.loads((tmp_path / "v" / "run.json").read_text())
+    assert rec["method"]["options"]["z_weight"] == pytest.approx(TV3D_Z_WEIGHT * 2 / 8)  # per mm of z
+    assert "2 / 8 mm" in rec["slice_coupling"]
+    rc, err = _run(_ct(tmp_path, "w", "--method", "tv3d", "--param", "n_iter=5"), capsys)  # spacing unknown
+    rec = json.loads((tmp_path / "w" / "run.json").read_text())
+    assert rc == 0 and rec["method"]["options"].get("z_weight", TV3D_Z_WEIGHT) == TV3D_Z_WEIGHT
+
+
 def test_counts_stack_with_shared_and_per_slice_flat(tmp_path, capsys):
     p = _sinograms(tmp_path / "p.npy") * 0.02  # line integrals (attenuation units)
     flat = np.full(p.shape[-1], 1e5)
-    np.save(tmp_path / "sino.npy", flat * np.exp(-p))
+    np.save(tmp_path / "flat_sino.npy", flat * np.exp(-p))
     np.save(tmp_path / "flat.npy", flat)
-    np.save(tmp_path / "flat3.npy", np.broadcast_to(flat, (3, 1, p.shape[-1])).copy())
+    # per-slice fields that differ (slice k: (k + 1) x brighter), so a field paired with the wrong slice shows
+    flat3 = flat * np.arange(1, 4)[:, None, None]
+    np.save(tmp_path / "flat3_sino.npy", flat3 * np.exp(-p))
+    np.save(tmp_path / "flat3.npy", flat3)
     np.save(tmp_path / "att.npy", p)
     base = ["ct", "--size", N, "--views", 20, "--method", "fbp"]
     assert _run(base + ["--sinogram", tmp_path / "att.npy", "--sinogram-units", "attenuation", "--out",
                         tmp_path / "att"], capsys)[0] == 0
     for name in ("flat", "flat3"):
-        rc, err = _run(base + ["--sinogram", tmp_path / "sino.npy", "--flat", tmp_path / f"{name}.npy", "--out",
-                               tmp_path / name], capsys)
+        rc, err = _run(base + ["--sinogram", tmp_path / f"{name}_sino.npy", "--flat", tmp_path / f"{name}.npy",
+                               "--out", tmp_path / name], capsys)
         assert rc == 0, err
         np.testing.assert_allclose(_volume(tmp_path / name), _volume(tmp_path / "att"), atol=0.5)  # HU
         assert json.loads((tmp_path / name / "run.json").read_text())["measurement"]["prelog"]["entries"] > 0
@@ -362,8 +380,83 @@ def test_kspace_volume_with_a_reference_volume(tmp_path, capsys):
     assert rc == 0, err
     metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
     assert metrics["reference"] == str(tmp_path / "ref.nii.gz") and len(metrics["per_slice"]) == 3
-    assert metrics["psnr"] > 15
+    # the reference volume is the RSS of the fully sampled slices, paired slice by slice: the same
+    # scores as the file's own fully sampled RSS (slices paired in reverse order score ~4 dB lower)
+    assert _run(_mri(tmp_path / "k.npy", tmp_path / "rss", "--method", "zero-filled"), capsys)[0] == 0
+    own = json.loads((tmp_path / "rss" / "metrics.json").read_text())
+    assert [p["psnr"] for p in metrics["per_slice"]] == pytest.approx([p["psnr"] for p in own["per_slice"]],
+                                                                      abs=0.01)
     write_nifti(rss[:1], tmp_path / "one.nii.gz")  # one reference slice cannot score three k-space slices
     rc, err = _run(_mri(tmp_path / "k.npy", tmp_path / "w", "--method", "zero-filled", "--reference",
                         tmp_path / "one.nii.gz"), capsys)
     assert rc == 2 and "one slice per k-space slice" in err
+
+
+def test_kspace_volume_with_a_bart_reference_is_one_clear_error(tmp_path, capsys):
+    from recon.io import write_cfl
+
+    k, rss = _coil_kspace()
+    np.save(tmp_path / "k.npy", k)
+    write_cfl(tmp_path / "ref", rss.astype(np.complex64))
+    rc, err = _run(_mri(tmp_path / "k.npy", tmp_path / "v", "--method", "zero-filled", "--reference",
+                        tmp_path / "ref.cfl"), capsys)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "BART" in lines[0] and "3 k-space slices" in lines[0], err
+    assert "has 1 slice(s)" not in err and not (tmp_path / "v" / "recon.nii.gz").exists()
+
+
+def test_single_slice_kspace_is_read_once(tmp_path, capsys, monkeypatch):
+    """A one-slice k-space file (and one slice of a whole-read format through --slices) is the
+    single-slice path: the file opened to count its slices is not read a second time."""
+    import recon.io
+    import recon.io.kspace as kspace_io
+
+    k, _ = _coil_kspace()
+    np.save(tmp_path / "k1.npy", k[1])  # (coils, H, W): one slice
+    np.save(tmp_path / "k3.npy", k)  # (slices, coils, H, W): memory-mapped
+    reads = []
+    real = kspace_io.read_kspace
+
+    def counting(*args, **kw):
+        reads.append(str(args[0]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(kspace_io, "read_kspace", counting)
+    monkeypatch.setattr(recon.io, "read_kspace", counting)
+    rc, err = _run(_mri(tmp_path / "k1.npy", tmp_path / "one", "--method", "zero-filled"), capsys)
+    assert rc == 0, err
+    assert reads == [str(tmp_path / "k1.npy")], reads
+    rec = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert rec["options"]["slice"] is None and "slices" not in rec and rec["metrics"]["psnr"] > 15
+    reads.clear()  # --slices 1:2 is --slice 1, served by the open file (memory map), not read whole again
+    rc, err = _run(_mri(tmp_path / "k3.npy", tmp_path / "range", "--method", "zero-filled", "--slices", "1:2"), capsys)
+    assert rc == 0, err
+    assert reads == [], reads
+    rc, err = _run(_mri(tmp_path / "k3.npy", tmp_path / "s1", "--method", "zero-filled", "--slice", 1), capsys)
+    assert rc == 0, err
+    np.testing.assert_array_equal(_volume(tmp_path / "range"), _volume(tmp_path / "s1"))
+    assert json.loads((tmp_path / "range" / "run.json").read_text())["measurement"] == \
+        json.loads((tmp_path / "s1" / "run.json").read_text())["measurement"]
+
+
+def test_file_signatures_cover_files_named_full_and_bart_pairs(tmp_path, monkeypatch):
+    """The resume fingerprint covers every measured file: one whose name starts with 'full' (only
+    CT's --reference full[:METHOD] is no file), and both halves of a BART .cfl/.hdr pair."""
+    from types import SimpleNamespace
+
+    from recon.io import write_cfl
+    from recon.measured_volume import measured_file_signatures
+
+    monkeypatch.chdir(tmp_path)
+    np.save("fully_sampled.npy", np.ones((2, 4, 4), np.complex64))
+    np.save("full_ref.npy", np.ones((4, 4), np.float32))
+    write_cfl(tmp_path / "ks", np.ones((2, 4, 4), np.complex64))
+    sig = measured_file_signatures(SimpleNamespace(kspace="fully_sampled.npy", reference="full_ref.npy"))
+    assert [(s[0], Path(s[1]).name) for s in sig] == [("kspace", "fully_sampled.npy"), ("reference", "full_ref.npy")]
+    for given in ("ks", "ks.hdr", "ks.cfl"):
+        sig = measured_file_signatures(SimpleNamespace(kspace=given))
+        assert sorted(Path(s[1]).name for s in sig) == ["ks.cfl", "ks.hdr"], given
+    np.save("s.npy", np.ones((2, 3, 4), np.float32))
+    for ref in ("full", "full:tv"):  # CT: no file
+        assert [s[0] for s in measured_file_signatures(SimpleNamespace(sinogram="s.npy", reference=ref))] == \
+            ["sinogram"]
