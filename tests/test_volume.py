@@ -330,15 +330,50 @@ def test_manifest_per_study_and_per_slice_range(tmp_path):
     assert shard["skipped"] == ["0000_a", "0001_b_slices-1-3"] and shard["done"] == []
 
 
-def test_default_coupling_warns_far_from_its_tuning_geometry(tmp_path, capsys):
-    write_series(tmp_path / "s", 3, dz=10.0)  # 10 mm slices, 0.8 mm pixels: far thicker than the tuning volume
+def test_default_coupling_scales_with_slice_spacing_and_warns_far_beyond(tmp_path, capsys):
+    from recon.baselines import TV3D_Z_WEIGHT
+
+    write_series(tmp_path / "s", 3, dz=20.0)  # 20 mm slices, 0.8 mm pixels: far beyond the measured geometry
     assert _run(tmp_path / "s", "--views", 20, "--method", "tv3d", "--param", "n_iter=5", "--out", tmp_path / "a") == 0
     assert "over-smooth" in capsys.readouterr().err
     rec = json.loads((tmp_path / "a" / "run.json").read_text())
-    assert rec["slices"]["z_aspect"] == pytest.approx(10.0 / 0.8) and rec["slices"]["couples_slices"]
+    assert rec["slices"]["z_aspect"] == pytest.approx(20.0 / 0.8) and rec["slices"]["couples_slices"]
+    # the default per mm of z: 2 mm / 20 mm of the tuned weight, and the method ran with it
+    assert rec["slice_coupling"]["z_weight"] == pytest.approx(TV3D_Z_WEIGHT * 2.0 / 20.0)
+    assert rec["method"]["options"]["z_weight"] == pytest.approx(TV3D_Z_WEIGHT * 2.0 / 20.0)
     assert _run(tmp_path / "s", "--views", 20, "--method", "tv3d", "--param", "n_iter=5", "--param", "z_weight=1",
                 "--out", tmp_path / "b") == 0
     assert "over-smooth" not in capsys.readouterr().err
+    rec = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert rec["slice_coupling"] == {"z_weight": 1.0, "from": "set by the user"}
+    write_series(tmp_path / "t", 3, dz=4.0)  # 4 mm, aspect 5: within the measured range, no warning
+    assert _run(tmp_path / "t", "--views", 20, "--method", "tv3d", "--param", "n_iter=5", "--out", tmp_path / "c") == 0
+    assert "over-smooth" not in capsys.readouterr().err
+    rec = json.loads((tmp_path / "c" / "run.json").read_text())
+    assert rec["slice_coupling"]["z_weight"] == pytest.approx(TV3D_Z_WEIGHT / 2)
+
+
+def test_default_z_weight_rule():
+    from recon.execute import plan_methods
+    from recon.score_methods import SCORE_FAST_Z_WEIGHT
+    from recon.tasks import TASKS
+    from recon.volume import default_z_weight
+
+    task = TASKS["ct"]
+    (run,) = plan_methods(["score-fast"], task, {})
+    for spacing in (None, 0.0):  # unknown: the method's own default, not scaled
+        r, rec = default_z_weight(run, spacing)
+        assert r is run and rec["z_weight"] == SCORE_FAST_Z_WEIGHT and "unknown" in rec["from"]
+    for spacing, want in ((1.0, 1.0), (2.0, 1.0), (4.0, 0.5), (8.0, 0.25)):
+        r, rec = default_z_weight(run, spacing)
+        assert r.options["z_weight"] == pytest.approx(SCORE_FAST_Z_WEIGHT * want), spacing
+        assert rec["z_weight"] == r.options["z_weight"]
+    assert "z_weight" not in run.options  # the planned run itself is not changed
+    (user,) = plan_methods(["score-fast"], task, {None: {"z_weight": 3e-4}})
+    assert default_z_weight(user, 8.0)[0].options["z_weight"] == 3e-4
+    (off,) = plan_methods(["score-fast"], task, {None: {"z_weight": 0}})
+    (tv,) = plan_methods(["tv"], task, {})
+    assert default_z_weight(off, 8.0) == (off, None) and default_z_weight(tv, 8.0) == (tv, None)
 
 
 def test_which_methods_couple_slices():
