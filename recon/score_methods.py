@@ -149,7 +149,8 @@ LEVEL_CLIP = (0.0, None)
 #: 0.0031 at 23 views); coupled, 0.0029.  Check at the default 100 steps (8 views, slices 0-5):
 #: 29.15 dB uncoupled, 29.85 dB at 1e-4 (not re-tuned there).  On by default: a single slice
 #: is unaffected (nothing to couple) and ``z_weight=0`` gives the slice-by-slice sampler bit
-#: for bit.
+#: for bit.  A study with thicker slices gets this weight per 2 mm of z
+#: (:func:`recon.volume.default_z_weight`; measured in README "Slice spacing").
 SCORE_FAST_Z_WEIGHT = 1e-4
 
 
