@@ -456,8 +456,9 @@ def protected_inputs(acq, inputs) -> list[str]:
              getattr(acq, "mask_file", None), getattr(acq, "angles", None), getattr(acq, "flat", None),
              getattr(acq, "dark", None)]
     reference = getattr(acq, "reference", None)
-    if reference and not str(reference).startswith("full"):  # CT's --reference full[:METHOD] is no file
-        paths.append(reference)
+    text = str(reference or "")
+    if reference and not (text == "full" or text.startswith("full:")):  # CT's --reference full[:METHOD] is no
+        paths.append(reference)                                         # file; full_dose.nii.gz is one
     return [p for p in paths if p]
 
 

@@ -252,3 +252,16 @@ def test_orphaned_staging_folders_of_dead_processes_are_removed(tmp_path):
     with OutputFolder(tmp_path, reserved=("run.json",)) as folder:
         (folder.stage / "run.json").write_text("{}")
     assert not orphan.exists() and live.exists() and (tmp_path / "run.json").exists()
+
+
+def test_a_reference_file_named_full_is_protected():
+    """CT's ``--reference full[:METHOD]`` names no file, but an MRI reference file whose name starts
+    with "full" is an input like any other and must never be overwritten."""
+    from types import SimpleNamespace
+
+    from recon.execute import protected_inputs
+
+    inputs = SimpleNamespace(path=None)
+    assert protected_inputs(SimpleNamespace(reference="full"), inputs) == []
+    assert protected_inputs(SimpleNamespace(reference="full:tv"), inputs) == []
+    assert protected_inputs(SimpleNamespace(reference="full_dose.nii.gz"), inputs) == ["full_dose.nii.gz"]
