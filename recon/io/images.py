@@ -121,20 +121,11 @@ def read_npy(path: str | os.PathLike) -> np.ndarray:
     the file holds, and at most :func:`recon.io._util.max_bytes` once decoded."""
     path = require_file(path)
     shape, _, dtype, offset, size = _npy_header(path)
-    if not _numeric(dtype):
-        raise ReconError(f"{path}: .npy holds {dtype} data; expected a numeric (real or complex) "
-                         "array - re-save it with numpy.save(path, array.astype('float32'))")
+    _check_npy_dtype(path, dtype)
     out_itemsize = 8 if dtype.kind == "c" else 4
     check_size(path, shape, ".npy array", max(out_itemsize, dtype.itemsize),
                available=size - offset, stored_itemsize=dtype.itemsize)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise ReconError(f"{path}: cannot read this .npy file: it is truncated, corrupt or holds "
-                         f"Python objects ({short(exc)}); re-save it with numpy.save") from exc
-    if not isinstance(arr, np.ndarray) or not _numeric(arr.dtype) or arr.size == 0:
-        raise ReconError(f"{path}: .npy holds {getattr(arr, 'dtype', type(arr))} data of shape "
-                         f"{getattr(arr, 'shape', '?')}; expected a non-empty numeric array")
+    arr = _load_npy(path)
     with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf
         return arr.astype(np.complex64 if np.iscomplexobj(arr) else np.float32)
 
@@ -148,9 +139,7 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
     one slice (the first axis) once decoded, not to the whole array."""
     path = require_file(path)
     shape, _, dtype, offset, size = _npy_header(path)
-    if not _numeric(dtype):
-        raise ReconError(f"{path}: .npy holds {dtype} data; expected a numeric (real or complex) "
-                         "array - re-save it with numpy.save(path, array.astype('float32'))")
+    _check_npy_dtype(path, dtype)
     out_itemsize = max(8 if dtype.kind == "c" else 4, dtype.itemsize)
     check_size(path, shape[1:] if len(shape) > 2 else shape, "one slice of the .npy array", out_itemsize)
     stored = math.prod(shape) * dtype.itemsize
@@ -158,8 +147,19 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
         raise ReconError(f"{path}: the header describes a .npy array of shape {shape} ({stored} bytes) but the "
                          f"file holds only {max(size - offset, 0)} bytes of data; the file is truncated or its "
                          "header is corrupt - re-export it")
+    return _load_npy(path, mmap_mode="r")
+
+
+def _check_npy_dtype(path, dtype) -> None:
+    if not _numeric(dtype):
+        raise ReconError(f"{path}: .npy holds {dtype} data; expected a numeric (real or complex) "
+                         "array - re-save it with numpy.save(path, array.astype('float32'))")
+
+
+def _load_npy(path, mmap_mode=None) -> np.ndarray:
+    """``np.load`` without pickles; a damaged file or a non-numeric / empty array is one ReconError."""
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        arr = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except Exception as exc:
         raise ReconError(f"{path}: cannot read this .npy file: it is truncated, corrupt or holds "
                          f"Python objects ({short(exc)}); re-save it with numpy.save") from exc
