@@ -52,7 +52,8 @@ def progress_enabled(args) -> bool:
 
 
 def log(args, msg: str):
-    if not getattr(args, "quiet", False):
+    """A progress message on stderr; ``--quiet`` silences it, except for warnings."""
+    if not getattr(args, "quiet", False) or msg.startswith("WARNING"):
         print(msg, file=sys.stderr)
 
 

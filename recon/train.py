@@ -467,6 +467,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 data_rng = st.get("data_rng")
         if rank == 0:
             log(f"resumed from {out} at step {step}")
+            if step >= cfg.steps:  # --steps is a total: easy to forget on a resumed prior
+                log(f"WARNING: {out} is already at step {step} >= --steps {cfg.steps} (a total, not a "
+                    f"number of new steps): nothing to train; give --steps larger than {step}")
     meta.setdefault("name", out.stem)
     train_sde = sde_from_config(meta["sde"])
     meta["objective"] = cfg.objective

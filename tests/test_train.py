@@ -144,6 +144,9 @@ def test_train_deterministic_and_resumes(tmp_path):
     c = train(TrainConfig(out=str(tmp_path / "c"), steps=6, resume=True, **common), log=lambda m: None)
     meta = json.loads(c.with_suffix(".json").read_text())
     assert meta["training"]["steps"] == 6 and meta["image_size"] == 16
+    said = []  # --steps is a total: resuming at or past it trains nothing, and says so
+    train(TrainConfig(out=str(tmp_path / "c"), steps=6, resume=True, **common), log=said.append)
+    assert any("already at step 6 >= --steps 6" in m for m in said)
     assert meta["name"] == "tiny" and meta["sampler_defaults"]["mri"]["score-fast"]["n_steps"] == 7
     tc = load_file(str(c))
     assert all(torch.equal(ta[k], tc[k]) for k in ta)
