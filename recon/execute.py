@@ -330,6 +330,17 @@ class PriorCache:
         return self._cache[name]
 
 
+def run_prior(run: MethodRun, settings, task, acq, source=None):
+    """The prior a score method ``run`` uses and its name (``--prior``, else the task's default
+    for ``source``), loaded once per device: ``(prior, name)``; ``(None, None)`` for other methods."""
+    if not run.score:
+        return None, None
+    name = settings.prior or task.default_prior(source, getattr(acq, "units", "auto"))
+    prior = PriorCache(settings.device).get(name)
+    prior._recon_source = str(name)
+    return prior, name
+
+
 def _signature_default(method, key):
     sig = getattr(method, "_sig", None)
     if sig is None or key not in sig.parameters:

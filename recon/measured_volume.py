@@ -92,7 +92,7 @@ def reconstruct_measured_volume(task, acq, settings, inputs, out, log: Callable[
     run record (also ``run.json``)."""
     from forward_models.physics import Measurement
     import recon
-    from recon.execute import (PriorCache, check_memory, check_samples, noise_text, ood_check, plan_methods,
+    from recon.execute import (check_memory, run_prior, check_samples, noise_text, ood_check, plan_methods,
                                progress_bar, protected_inputs, record_head, run_fingerprint, run_method, warn,
                                working_window_and_size, write_std_maps)
     from recon.io import write_png
@@ -117,11 +117,7 @@ def reconstruct_measured_volume(task, acq, settings, inputs, out, log: Callable[
     with folder:
         stage = folder.stage
         t0 = time.perf_counter()
-        prior, prior_name = None, None
-        if run.score:
-            prior_name = settings.prior or task.default_prior(None, getattr(acq, "units", "auto"))
-            prior = PriorCache(device).get(prior_name)
-            prior._recon_source = str(prior_name)
+        prior, prior_name = run_prior(run, settings, task, acq)
         window, size = working_window_and_size(acq, settings.size, prior)
         study = task.measured_study(acq, device, size=size, requested_size=settings.size, window=window,
                                     seed=settings.seed, handle=handle)

@@ -21,7 +21,7 @@ from typing import Callable
 
 from recon.errors import ReconError
 from recon.multiscale import scale_record
-from recon.execute import (PriorCache, RunSettings, check_memory, check_samples, known_pixel_mm, noise_text,
+from recon.execute import (RunSettings, check_memory, check_samples, known_pixel_mm, noise_text, run_prior,
                            ood_check, plan_methods, prepare_truth, protected_inputs, record_head, run_fingerprint,
                            run_method, warn, working_window_and_size, write_std_maps)
 from recon.io._util import short
@@ -80,14 +80,11 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
     with folder:
         stage = folder.stage
         t0 = time.perf_counter()
-        prior, prior_name, source = None, None, None
+        source = None
         if inputs.path:
             source = load_source(inputs.path, inputs.series, inputs.slice, volume=volume)
             task.check_source(source, settings.force_modality)
-        if run.score:
-            prior_name = settings.prior or task.default_prior(source, getattr(acq, "units", "auto"))
-            prior = PriorCache(device).get(prior_name)
-            prior._recon_source = str(prior_name)
+        prior, prior_name = run_prior(run, settings, task, acq, source)
         window, size = working_window_and_size(acq, settings.size, prior)
         if size is not None or source is not None:
             check_memory(size if size is not None else min(source.image.shape[-2:]), samples=settings.samples,

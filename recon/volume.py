@@ -245,7 +245,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
     returns the run record (also ``run.json``)."""
     from forward_models.physics import Measurement
     from recon.case import load_source
-    from recon.execute import (PriorCache, check_memory, check_samples, known_pixel_mm, noise_text, ood_check,
+    from recon.execute import (check_memory, run_prior, check_samples, known_pixel_mm, noise_text, ood_check,
                                plan_methods, prepare_truth, progress_bar, protected_inputs, record_head,
                                run_fingerprint, run_method, warn, working_window_and_size, write_std_maps)
     from recon.io import write_npy, write_png
@@ -272,11 +272,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         t0 = time.perf_counter()
         source = load_source(inputs.path, inputs.series, a, n_slices=n, volume=volume)
         task.check_source(source, settings.force_modality)
-        prior, prior_name = None, None
-        if run.score:
-            prior_name = settings.prior or task.default_prior(source, getattr(acq, "units", "auto"))
-            prior = PriorCache(device).get(prior_name)
-            prior._recon_source = str(prior_name)
+        prior, prior_name = run_prior(run, settings, task, acq, source)
         window, size = working_window_and_size(acq, settings.size, prior)
         check_memory(size if size is not None else min(source.image.shape[-2:]), samples=settings.samples,
                      slices=min(n, batch + 2 * halo), native=size is None)
