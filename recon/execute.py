@@ -466,11 +466,15 @@ def protected_inputs(acq, inputs) -> list[str]:
     paths = [inputs.path, getattr(acq, "sinogram", None), getattr(acq, "kspace", None),
              getattr(acq, "mask_file", None), getattr(acq, "angles", None), getattr(acq, "flat", None),
              getattr(acq, "dark", None)]
+    return [p for p in paths + [reference_file(acq)] if p]
+
+
+def reference_file(acq):
+    """The ``--reference`` file an acquisition names, or None: CT's ``--reference full[:METHOD]``
+    names no file (a file may still be called ``full_dose.nii.gz``)."""
     reference = getattr(acq, "reference", None)
     text = str(reference or "")
-    if reference and not (text == "full" or text.startswith("full:")):  # CT's --reference full[:METHOD] is no
-        paths.append(reference)                                         # file; full_dose.nii.gz is one
-    return [p for p in paths if p]
+    return None if not reference or text == "full" or text.startswith("full:") else reference
 
 
 def prepare_truth(task, acq, source, size, window, log):

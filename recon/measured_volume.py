@@ -59,12 +59,14 @@ _BULKY = ("angles_deg", "selected_views")
 def measured_file_signatures(acq) -> list:
     """``[option, path, bytes, mtime_ns]`` of the measured files an acquisition names (for
     fingerprints: data changed on disk are not taken for the same run)."""
+    from recon.execute import reference_file
+
     out = []
     for name in ("sinogram", "flat", "dark", "angles", "kspace", "mask_file", "reference"):
-        value = getattr(acq, name, None)
-        text = str(value or "")
-        if not value or (name == "reference" and (text == "full" or text.startswith("full:"))):
-            continue  # CT's --reference full[:METHOD] names no file (a file may start with "full")
+        value = reference_file(acq) if name == "reference" else getattr(acq, name, None)
+        if not value:
+            continue
+        text = str(value)
         p = Path(text)
         if p.suffix.lower() in (".cfl", ".hdr") or not p.is_file():  # BART: the data and its header
             base = text[:-4] if p.suffix.lower() in (".cfl", ".hdr") else text
@@ -99,7 +101,7 @@ def reconstruct_measured_volume(task, acq, settings, inputs, out, log: Callable[
     from recon.io.nifti import write_nifti
     from recon.multiscale import scale_record
     from recon.outputs import OutputFolder, fingerprint, write_json, write_text
-    from recon.volume import VOLUME_OUTPUTS, _reformat_png, volume_metrics
+    from recon.volume import VOLUME_OUTPUTS, _reformat_png, metrics_slices_csv, volume_metrics
 
     t_start = time.perf_counter()
     (run,) = plan_methods(list(settings.methods), task, settings.params, noisy=acq.noisy)
@@ -209,10 +211,7 @@ def reconstruct_measured_volume(task, acq, settings, inputs, out, log: Callable[
             metrics = volume_metrics(rec_m, ref)
             metrics.update(data_range=1.0, scale="[0, 1]", reference=info0.get("reference"), slices=[a, b])
             write_json(stage / "metrics.json", metrics)
-            rows = ["slice,psnr,ssim,nmse,seconds"] + [
-                f"{a + i},{p['psnr']:.6g},{p['ssim']:.6g},{p['nmse']:.6g},{per_slice_seconds[i]:.4g}"
-                for i, p in enumerate(metrics["per_slice"])]
-            write_text(stage / "metrics_slices.csv", "\n".join(rows) + "\n")
+            write_text(stage / "metrics_slices.csv", metrics_slices_csv(metrics, a, per_slice_seconds))
             written += ["metrics.json", "metrics_slices.csv"]
         elif any(r is not None for r in refs):
             note = (f"only {sum(r is not None for r in refs)} of {n} slices have a reference: no volume metrics")

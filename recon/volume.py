@@ -54,11 +54,8 @@ DEFAULT_BATCH = 4
 #: default ``z_weight`` times ``Z_TUNING_SPACING_MM / spacing`` (the weight per mm of z), never
 #: more than the default: :func:`default_z_weight`.
 Z_TUNING_SPACING_MM = 2.0
-#: slice spacing / working pixel size of the tuning volume at 128 px (2 mm over 500 / 128 mm);
-#: the spacing rule was measured from 0.5 to 8.2 of these (README "Slice spacing")
-Z_TUNING_ASPECT = Z_TUNING_SPACING_MM / (500.0 / 128)
-#: the largest slice spacing / working pixel the spacing rule was measured at; far beyond it a
-#: run warns (tuning volume subsampled to 8 mm at 512 px)
+#: the largest slice spacing / working pixel the spacing rule was measured at (from 0.51: 2 mm
+#: at 128 px, to 8.2: 8 mm at 512 px; README "Slice spacing"); far beyond it a run warns
 Z_MEASURED_ASPECT_MAX = 8.2
 #: what a study run writes (older outputs of these names are replaced)
 VOLUME_OUTPUTS = ("recon.nii.gz", "recon.png", "coronal.png", "sagittal.png", "metrics.json", "metrics_slices.csv",
@@ -155,6 +152,15 @@ class PartStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def metrics_slices_csv(metrics: dict, first: int, seconds: list[float]) -> str:
+    """``metrics_slices.csv``: one row per slice of :func:`volume_metrics`' ``per_slice``
+    (slice index from ``first``), with its seconds."""
+    rows = ["slice,psnr,ssim,nmse,seconds"] + [
+        f"{first + i},{p['psnr']:.6g},{p['ssim']:.6g},{p['nmse']:.6g},{seconds[i]:.4g}"
+        for i, p in enumerate(metrics["per_slice"])]
+    return "\n".join(rows) + "\n"
+
+
 def default_z_weight(run, spacing_mm: float | None) -> tuple[object, dict | None]:
     """The slice coupling a study with slices ``spacing_mm`` apart gets when the user gave no
     ``z_weight``: the method's default per 2 mm of z (:data:`Z_TUNING_SPACING_MM`), i.e. the
@@ -163,9 +169,9 @@ def default_z_weight(run, spacing_mm: float | None) -> tuple[object, dict | None
     ``record`` (for ``run.json``) saying where it came from (None when the method does not couple).
 
     Measured (README "Slice spacing"): on the tuning volume (abdomen) subsampled to 4 and 8 mm the
-    unscaled default was best, the scaled one 0.1-0.2 dB below it and still 0.5-1.0 dB above
-    slice by slice; on a chest volume with 8 mm slices the unscaled default lost 1.9 dB to
-    slice by slice and the scaled one gained 0.3 dB."""
+    unscaled default was best, the weights nearest the scaled one 0.1-0.25 dB below it and
+    0.4-1.5 dB above slice by slice; on the report volumes (chest 8 mm, head 4 mm) the unscaled
+    default lost 1.9 / 1.7 dB to slice by slice, the scaled one +0.3 / -0.4 dB."""
     from recon.execute import _signature_default
 
     if not couples_slices(run):
@@ -282,11 +288,10 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         op = acq.operator(truth.shape, device, seed=settings.seed)
         timings["operator"] = time.perf_counter() - t0
         pixel_mm = known_pixel_mm(truth, acq, size)
-        aspect = (float(source.reference.spacing[0]) / truth.pixel_mm
-                  if coupled and source.reference is not None and source.dx else None)
+        spacing_mm = float(source.reference.spacing[0]) if source.reference is not None else None
+        aspect = spacing_mm / truth.pixel_mm if coupled and spacing_mm is not None and source.dx else None
         user_weight = "z_weight" in run.options
-        run, z_record = default_z_weight(run, float(source.reference.spacing[0])
-                                         if coupled and source.reference is not None else None)
+        run, z_record = default_z_weight(run, spacing_mm)
         if z_record:
             log(f"slice coupling: z_weight {z_record['z_weight']:.3g} ({z_record['from']})")
         if aspect and not user_weight and aspect > Z_MEASURED_ASPECT_MAX * 1.5:
@@ -359,10 +364,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
         metrics.update(data_range=1.0, scale="[0, 1]", reference="input image", slices=[a, b])
         metrics.update(task.extra_metrics(img, truth))
         write_json(stage / "metrics.json", metrics)
-        rows = ["slice,psnr,ssim,nmse,seconds"] + [
-            f"{a + i},{p['psnr']:.6g},{p['ssim']:.6g},{p['nmse']:.6g},{per_slice_seconds[i]:.4g}"
-            for i, p in enumerate(metrics["per_slice"])]
-        write_text(stage / "metrics_slices.csv", "\n".join(rows) + "\n")
+        write_text(stage / "metrics_slices.csv", metrics_slices_csv(metrics, a, per_slice_seconds))
         method_settings = {"task": task.name, "method": run.name, **{k: v for k, v in used.items() if k != "callback"}}
         per_slice = [task.output_image(img[i], truth, stub, window) for i in range(n)]
         values = np.stack([v for v, _, _ in per_slice])
@@ -377,7 +379,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             written.append("recon.nii.gz")
         write_png(shown[n // 2], stage / "recon.png", vmin=0.0, vmax=vmax)
         written.append("recon.png")
-        dz = float(source.reference.spacing[0]) if source.reference is not None else 1.0
+        dz = spacing_mm or 1.0
         if n > 1:
             z_scale = dz / truth.pixel_mm if truth.pixel_mm else 1.0
             _reformat_png(shown, 1, z_scale, stage / "coronal.png", vmax)
@@ -422,7 +424,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             "window": list(window) if task.uses_window(truth) else None,
             "units": task.units_label(truth),
             "pixel_mm": truth.pixel_mm,
-            "slice_spacing_mm": dz if source.reference is not None else None,
+            "slice_spacing_mm": spacing_mm,
             "measurement": meas_info,
             "sigma_y": float(np.sqrt(np.mean(np.square(sigmas)))) if sigmas else None,
             "samples": settings.samples,
