@@ -118,6 +118,8 @@ OPTION_RULES = {
     "admm_iters": ("int", 1, True, None, False),
     # multi-scale priors (issue #10): native noise level below which the detail prior denoises
     "detail_below": ("float", 0.0, True, None, False),
+    # and the prior's own noise level at and above which its coarser global prior denoises
+    "global_above": ("float", 0.0, True, None, False),
 }
 
 

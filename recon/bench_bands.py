@@ -13,6 +13,12 @@ matrix and normalised as the task does for a reconstruction), and each noise lev
 and PSNR against x (both clipped to the window's [0, 1], as ``metrics.json`` is) is recorded.
 The recommended split (``detail_below``) is the first level at which ``whole`` is at least
 as good as ``detail`` on average: choose it on tuning series, report on others.
+
+``against='global'`` compares the whole-image prior with its coarser **global prior**
+(``meta['global_prior']``) instead, both in their two bands: the noise levels are then in the
+whole-image prior's own units (native sigma / scale factor, the units of ``global_above``), and
+the recommended ``global_above`` is the lowest level from which the global prior is at least as
+good at every higher level measured.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ import torch
 from recon.errors import ReconError
 
 DEFAULT_SIGMAS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+#: ``against='global'``: levels in the whole-image prior's units
+DEFAULT_GLOBAL_SIGMAS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+AGAINST = ("detail", "global")
 
 
 def _psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -41,32 +50,46 @@ def recommended_split(table: list[dict]) -> float | None:
     return None
 
 
+def recommended_global_above(table: list[dict]) -> float | None:
+    """The lowest noise level from which ``global`` matches or beats ``whole`` on average at every
+    higher level measured; None when it loses at the highest."""
+    best = None
+    for row in sorted(table, key=lambda r: r["sigma"], reverse=True):
+        if row["global_db"] < row["whole_db"]:
+            break
+        best = row["sigma"]
+    return best
+
+
 @torch.no_grad()
-def bench_bands(series, prior="ct", task_name: str = "ct", per_series: int = 4, sigmas=DEFAULT_SIGMAS,
-                seed: int = 0, out=None, log=print) -> dict:
+def bench_bands(series, prior="ct", task_name: str = "ct", per_series: int = 4, sigmas=None,
+                seed: int = 0, out=None, log=print, against: str = "detail") -> dict:
     from recon.case import load_source
-    from recon.io import read_input
     from recon.multiscale import denoise_tiled, for_data
     from recon.prior import load_prior
     from recon.tasks import TASKS
 
+    if against not in AGAINST:
+        raise ReconError(f"against must be one of {', '.join(AGAINST)}, got {against!r}")
     p = load_prior(prior) if isinstance(prior, (str, Path)) else prior
-    detail = getattr(p, "detail_prior", None)
-    if detail is None:
-        raise ReconError(f"prior {prior!r} names no detail prior (meta 'detail_prior'): nothing to compare")
+    other = getattr(p, f"{against}_prior", None)
+    if other is None:
+        raise ReconError(f"prior {prior!r} names no {against} prior (meta '{against}_prior'): nothing to compare")
     if not series:
         raise ReconError("recon bench bands needs at least one --series")
+    if against == "global":
+        return _bench_global(series, p, prior, task_name, per_series, sigmas or DEFAULT_GLOBAL_SIGMAS, seed, out, log)
+    sigmas = sigmas or DEFAULT_SIGMAS
+    detail = other
     task = TASKS[task_name]
     rows = []
     for path in series:
-        vol = read_input(path)
-        n = vol.n_slices
-        m = min(per_series, n)
-        picks = [int((i + 0.5) * n / m) for i in range(m)]  # evenly spread, distinct (n / m >= 1)
+        vol, picks = _slices(path, per_series)
         for k in picks:
             truth = task.prepare(load_source(path, slice_index=k, volume=vol), None)
             x = torch.from_numpy(truth.x)[None].float()
-            whole = for_data(p, x.shape[-2:], truth.pixel_mm if truth.source.dx else None, detail_below=0)
+            whole = for_data(p, x.shape[-2:], truth.pixel_mm if truth.source.dx else None, detail_below=0,
+                             global_above=0)
             for j, s in enumerate(sigmas):
                 g = torch.Generator().manual_seed(seed * 100003 + k * 101 + j)
                 xn = x + float(s) * torch.randn(x.shape, generator=g)
@@ -86,6 +109,64 @@ def bench_bands(series, prior="ct", task_name: str = "ct", per_series: int = 4, 
     lines = ["| sigma | detail (dB) | whole (dB) | n |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['sigma']:g} | {r['detail_db']:.2f} | {r['whole_db']:.2f} | {r['n']} |" for r in table]
     lines.append(f"\nrecommended detail_below: {result['recommended_detail_below']}")
+    log("\n".join(lines))
+    if out:
+        from recon.outputs import write_json
+
+        write_json(Path(out), result)
+    return result
+
+
+def _slices(path, per_series):
+    from recon.io import read_input
+
+    vol = read_input(path)
+    n = vol.n_slices
+    m = min(per_series, n)
+    return vol, [int((i + 0.5) * n / m) for i in range(m)]  # evenly spread, distinct (n / m >= 1)
+
+
+def _bench_global(series, p, prior, task_name, per_series, sigmas, seed, out, log) -> dict:
+    """``bench_bands(against='global')``: levels in the whole-image prior's units."""
+    from recon.case import load_source
+    from recon.multiscale import for_data
+    from recon.tasks import TASKS
+
+    task = TASKS[task_name]
+    rows = []
+    for path in series:
+        vol, picks = _slices(path, per_series)
+        for k in picks:
+            truth = task.prepare(load_source(path, slice_index=k, volume=vol), None)
+            x = torch.from_numpy(truth.x)[None].float()
+            pix = truth.pixel_mm if truth.source.dx else None
+            whole = for_data(p, x.shape[-2:], pix, detail_below=0, global_above=0)
+            glob = for_data(p, x.shape[-2:], pix, detail_below=0, global_above=min(sigmas)).glob
+            if glob is None:
+                raise ReconError(f"{path} slice {k}: the global prior does not apply at {tuple(x.shape[-2:])} "
+                                 "(its grid is not 1.5x coarser than the data's)")
+            unit = whole.sigma_scale  # native noise per unit of the prior's
+            for j, s in enumerate(sigmas):
+                g = torch.Generator().manual_seed(seed * 100003 + k * 101 + j)
+                sn = float(s) * unit
+                xn = x + sn * torch.randn(x.shape, generator=g)
+                rows.append({"series": str(path), "slice": k, "sigma": float(s), "native_sigma": sn,
+                             "shape": list(x.shape[-2:]), "whole_db": _psnr(whole.denoise(xn, sn), x),
+                             "global_db": _psnr(glob.denoise(xn, sn), x)})
+            log(f"{Path(path).name} slice {k}: " + ", ".join(
+                f"{r['sigma']:g}: {r['whole_db']:.1f}/{r['global_db']:.1f}" for r in rows[-len(sigmas):]))
+    table = []
+    for s in sigmas:
+        sel = [r for r in rows if r["sigma"] == float(s)]
+        table.append({"sigma": float(s), "n": len(sel), "whole_db": float(np.mean([r["whole_db"] for r in sel])),
+                      "global_db": float(np.mean([r["global_db"] for r in sel]))})
+    result = {"prior": str(prior), "global_prior": p.global_prior.meta.get("name"), "task": task_name,
+              "against": "global", "sigma_units": "the whole-image prior's (native sigma / scale factor)",
+              "series": [str(s) for s in series], "per_series": per_series, "table": table,
+              "recommended_global_above": recommended_global_above(table), "rows": rows}
+    lines = ["| sigma (prior units) | whole (dB) | global (dB) | n |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['sigma']:g} | {r['whole_db']:.2f} | {r['global_db']:.2f} | {r['n']} |" for r in table]
+    lines.append(f"\nrecommended global_above: {result['recommended_global_above']}")
     log("\n".join(lines))
     if out:
         from recon.outputs import write_json

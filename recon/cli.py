@@ -387,7 +387,11 @@ def add_bench(sub):
     p.add_argument("--per-series", type=_positive_int, default=4,
                    help="bands: slices per --series, evenly spread (default 4)")
     p.add_argument("--sigmas", default=None, metavar="S1,S2,...",
-                   help="bands: noise levels on the [0, 1] scale (default 0.01,0.02,0.05,0.1,0.2,0.4,0.8,1.6)")
+                   help="bands: noise levels on the [0, 1] scale (default 0.01,0.02,0.05,0.1,0.2,0.4,0.8,1.6; "
+                        "--against global: in the whole-image prior's units, default 0.1,0.2,0.4,0.8,1.6,3.2)")
+    p.add_argument("--against", choices=["detail", "global"], default="detail",
+                   help="bands: compare the whole-image prior with its detail prior (low noise; recommends "
+                        "detail_below) or with its coarser global prior (high noise; recommends global_above)")
     p.add_argument("--samples", type=_positive_int, default=8, help="calibration: posterior samples (default 8)")
     p.add_argument("--accel", type=_positive_float, default=8.0, help="references: MRI acceleration (default 8)")
     p.add_argument("--out", default=None, metavar="FILE",
@@ -439,13 +443,14 @@ def run_bench(args):
                       log=lambda m: print(m, file=sys.stderr), task_name=args.volume_task)
         return 0
     if args.what == "bands":
-        from recon.bench_bands import DEFAULT_SIGMAS, bench_bands
+        from recon.bench_bands import bench_bands
 
-        sigmas = _numbers(args.sigmas, "--sigmas") if args.sigmas else DEFAULT_SIGMAS
-        if any(not s > 0 for s in sigmas):
+        sigmas = _numbers(args.sigmas, "--sigmas") if args.sigmas else None
+        if sigmas is not None and any(not s > 0 for s in sigmas):
             raise ReconError(f"--sigmas must all be > 0, got {args.sigmas}")
         bench_bands(args.series or [], args.prior or ("ct" if args.task == "ct" else "brain-mri"), args.task,
-                    args.per_series, sigmas, out=args.out, log=lambda m: print(m, file=sys.stderr))
+                    args.per_series, sigmas, out=args.out, log=lambda m: print(m, file=sys.stderr),
+                    against=args.against)
         return 0
     if args.what == "fuzz":
         from recon.fuzz import fuzz_readers

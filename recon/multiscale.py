@@ -21,6 +21,12 @@ non-square, in two bands:
   the band is suppressed, at low noise it is kept: the data-consistency steps
   of the samplers then fill in the details the measurement supports.
 
+* the **global prior** at high noise: when the prior names one (``meta['global_prior']``, a
+  whole-image network trained at a coarser grid, e.g. 64 x 64, where a small U-Net's
+  receptive field spans the whole body: ``../shared/notes/global-64-probe.md``), every noise
+  level at or above ``global_above`` (in the whole-image prior's own noise units, i.e. native
+  noise / scale factor, so the split does not depend on the data's size) is denoised by it in
+  the same two bands, on its own coarser grid.  The layout decided at high noise is what it knows.
 * the **detail prior** at low noise: when the prior names one (``meta['detail_prior']``,
   a patch network trained at native pixel size by ``recon train --native``, in the
   spirit of PaDIS, Hu et al. 2024) and the data's pixels suit it, every noise level
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 from recon.errors import ReconError
 
 __all__ = ["ResampledPrior", "scale_factor", "detail_std_for", "for_data", "denoise_tiled", "detail_applies",
-           "scale_record", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision", "native_bf16"]
+           "scale_record", "DEFAULT_GLOBAL_ABOVE", "measure_detail_std", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision", "native_bf16"]
 
 #: used when a prior's metadata has no measured detail std (fraction of the [0, 1] range)
 DEFAULT_DETAIL_STD = 0.03
@@ -52,6 +58,10 @@ RESAMPLE_ABOVE = 1.5
 #: noise level (native, [0, 1] scale) below which a detail prior denoises, when neither the
 #: call nor the prior's metadata (``detail_below_sigma``) says otherwise
 DEFAULT_DETAIL_BELOW = 0.2
+#: noise level (the whole-image prior's own units) at or above which a global prior denoises,
+#: when neither the call nor the prior's metadata (``global_above_sigma``) says otherwise: the
+#: multi-scale probe's level above which denoising at half resolution loses <= 3 %
+DEFAULT_GLOBAL_ABOVE = 0.8
 #: tiles of the detail prior: its GroupNorm statistics were learned on 64-px patches, so it
 #: is run on tiles of a few patch sizes rather than on a 512-px image at once
 DETAIL_TILE, DETAIL_OVERLAP = 128, 32
@@ -133,6 +143,30 @@ def detail_std_for(prior, factor: float) -> float:
             t = (math.log(factor) - math.log(f0)) / (math.log(f1) - math.log(f0))
             return s0 + t * (s1 - s0)
     return pts[-1][1]  # pragma: no cover
+
+
+def measure_detail_std(images, factors) -> dict:
+    """``meta['detail_std']`` of a prior: for each scale factor ``f``, the RMS over ``images``
+    (a list of (H, W) tensors at native resolution on the [0, 1] scale) of ``x - up(down(x))``,
+    area-averaged down by ``f`` and bilinear up, as :class:`ResampledPrior` splits its bands.
+    Keys are the factors as text (``'2'``, ``'1.5'``), values rounded to 4 digits."""
+    out = {}
+    for f in factors:
+        f = float(f)
+        if not (math.isfinite(f) and f >= 1):
+            raise ReconError(f"detail_std factors must be >= 1, got {f}")
+        total, count = 0.0, 0
+        for img in images:
+            x = torch.as_tensor(img, dtype=torch.float32)[None, None]
+            h, w = x.shape[-2:]
+            low = F.interpolate(x, size=(max(1, round(h / f)), max(1, round(w / f))), mode="area")
+            up = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+            total += float(((x - up) ** 2).sum())
+            count += h * w
+        if count == 0:
+            raise ReconError("measure_detail_std needs at least one image")
+        out[f"{f:g}"] = round(math.sqrt(total / count), 4)
+    return out
 
 
 def _network_multiple(prior) -> int:
@@ -241,7 +275,8 @@ class ResampledPrior(torch.nn.Module):
     ``detail_below`` (module docstring)."""
 
     def __init__(self, prior, factor: float = 1.0, detail_std: float | None = None, how: str = "",
-                 detail=None, detail_below: float = 0.0, detail_how: str = "", precision: str = "fp32"):
+                 detail=None, detail_below: float = 0.0, detail_how: str = "", precision: str = "fp32",
+                 glob=None, global_above: float = 0.0, global_how: str = ""):
         super().__init__()
         if precision not in ("fp32", "bf16"):
             raise ReconError(f"precision must be 'fp32' or 'bf16' here (resolve 'auto' first), got {precision!r}")
@@ -256,6 +291,13 @@ class ResampledPrior(torch.nn.Module):
         self.detail = detail if detail_below > 0 else None
         self.detail_below = float(detail_below) if detail is not None else 0.0
         self.detail_how = detail_how
+        if not (math.isfinite(global_above) and global_above >= 0):
+            raise ReconError(f"global_above must be a noise level >= 0, got {global_above}")
+        if glob is not None and not isinstance(glob, ResampledPrior):
+            raise ReconError("glob must be a ResampledPrior (the global prior on its own grid); use for_data")
+        self.glob = glob if global_above > 0 else None
+        self.global_above = float(global_above) if self.glob is not None else 0.0
+        self.global_how = global_how
 
     # the Prior interface the samplers use
     @property
@@ -298,15 +340,23 @@ class ResampledPrior(torch.nn.Module):
         else:
             action = "the prior runs on the data's grid (scale within 1.5x)"
         name = (getattr(self.detail, "meta", None) or {}).get("name", "detail prior")
+        if self.glob is not None:
+            gname = (getattr(self.glob.prior, "meta", None) or {}).get("name", "global prior")
+            action = (f"{action}; at or above noise {self.global_above:g} (the prior's units): the global prior "
+                      f"'{gname}' at 1/{self.glob.factor:.3g} resolution ({self.glob.prior.image_size}-px grid)")
         if self.detail is not None:
             action = (f"below noise {self.detail_below:g}: the detail prior '{name}' at the data's own pixels "
                       f"({DETAIL_TILE}-px tiles); above it: {action}")
         rec = {"scale_factor": round(self.factor, 4), "scale_from": self.how, "action": action,
                "precision": self.precision,
                "prior_image_size": self.prior.image_size,
-               "detail_prior": name if self.detail is not None else None, "detail_below": self.detail_below}
+               "detail_prior": name if self.detail is not None else None, "detail_below": self.detail_below,
+               "global_prior": (self.glob.prior.meta or {}).get("name", "global prior") if self.glob is not None
+               else None, "global_above": self.global_above}
         if self.detail_how:
             rec["detail_from"] = self.detail_how
+        if self.global_how:
+            rec["global_from"] = self.global_how
         return rec
 
     def coarse_shape(self, h: int, w: int) -> tuple[int, int]:
@@ -321,19 +371,24 @@ class ResampledPrior(torch.nn.Module):
         return out[:, None] if squeeze else out
 
     def _denoise3(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        if self.detail is None:
+        if self.detail is None and self.glob is None:
             return self._bands(x, sigma)
         b = x.shape[0]
         sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
         sig = sig.expand(b) if sig.numel() == 1 else sig
-        low = sig < self.detail_below
-        if bool(low.all()):
-            return denoise_tiled(self.detail, x, sig)
-        if not bool(low.any()):
-            return self._bands(x, sig)
-        out = torch.empty_like(x)  # a batch on both sides of the split: each part runs on its own elements
-        out[low] = denoise_tiled(self.detail, x[low], sig[low])
-        out[~low] = self._bands(x[~low], sig[~low])
+        none = torch.zeros(b, dtype=torch.bool, device=x.device)
+        low = sig < self.detail_below if self.detail is not None else none
+        high = (sig >= self.global_above * self.sigma_scale) & ~low if self.glob is not None else none
+        parts = ((low, lambda xs, ss: denoise_tiled(self.detail, xs, ss)),
+                 (high, lambda xs, ss: self.glob._bands(xs, ss)),
+                 (~(low | high), self._bands))
+        for mask, fn in parts:
+            if bool(mask.all()):
+                return fn(x, sig)
+        out = torch.empty_like(x)  # a batch across the splits: each part runs on its own elements
+        for mask, fn in parts:
+            if bool(mask.any()):
+                out[mask] = fn(x[mask], sig[mask]).to(out.dtype)
         return out
 
     def _bands(self, x: torch.Tensor, sigma) -> torch.Tensor:
@@ -354,12 +409,16 @@ class ResampledPrior(torch.nn.Module):
 
 
 def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None = None,
-             detail_below: float | None = None, precision: str = "fp32") -> ResampledPrior:
+             detail_below: float | None = None, precision: str = "fp32",
+             global_above: float | None = None) -> ResampledPrior:
     """``prior`` for data of ``shape`` (H, W) with pixels of ``pixel_mm`` (None: unknown);
     ``factor`` overrides the scale (data pixels per prior pixel).  The prior's detail prior
     (``prior.detail_prior``, loaded by :func:`recon.prior.load_prior`) joins below
     ``detail_below`` (default: the prior's ``detail_below_sigma``, else
-    :data:`DEFAULT_DETAIL_BELOW`; 0 turns it off) when :func:`detail_applies`.  ``precision``
+    :data:`DEFAULT_DETAIL_BELOW`; 0 turns it off) when :func:`detail_applies`.  The prior's global
+    prior (``prior.global_prior``) joins at and above ``global_above`` (the prior's own noise units;
+    default the prior's ``global_above_sigma``, else :data:`DEFAULT_GLOBAL_ABOVE`; 0 turns it off)
+    when its grid is at least 1.5x coarser than the data's.  ``precision``
     ('fp32', 'bf16', 'auto': :data:`PRECISIONS`) is the network's (default fp32 here; the score
     methods pass :data:`DEFAULT_PRECISION`).  A ``prior`` that is already a :class:`ResampledPrior`
     is returned as it is, with its own settings."""
@@ -381,12 +440,34 @@ def for_data(prior, shape, pixel_mm: float | None = None, factor: float | None =
             detail_how = "turned off (detail_below=0)"
     device = next((p.device for p in prior.parameters()), torch.device("cpu")) if hasattr(prior, "parameters") \
         else torch.device("cpu")
+    precision = resolve_precision(precision, device)
+    glob, above, global_how = _global_for(prior, factor, global_above, precision)
     return ResampledPrior(prior, factor, how=how, detail=detail, detail_below=below, detail_how=detail_how,
-                          precision=resolve_precision(precision, device))
+                          precision=precision, glob=glob, global_above=above, global_how=global_how)
+
+
+def _global_for(prior, factor: float, global_above: float | None, precision: str):
+    """The prior's global prior (``prior.global_prior``) as a :class:`ResampledPrior` on its own grid,
+    the level at and above which it denoises, and why (:func:`for_data`)."""
+    glob = getattr(prior, "global_prior", None)
+    if glob is None:
+        return None, 0.0, ""
+    meta = getattr(prior, "meta", {}) or {}
+    above = float(meta.get("global_above_sigma", DEFAULT_GLOBAL_ABOVE) if global_above is None else global_above)
+    if above == 0:
+        return None, 0.0, "turned off (global_above=0)"
+    gfactor = float(factor) * float(prior.image_size) / float(glob.image_size)
+    if gfactor < RESAMPLE_ABOVE:
+        return None, 0.0, (f"not used: its {glob.image_size}-px grid is only {gfactor:.3g}x coarser than the "
+                           f"data's (< {RESAMPLE_ABOVE})")
+    how = (f"{factor:.3g} data pixels per {prior.image_size}-px prior pixel x {prior.image_size}/"
+           f"{glob.image_size}")
+    return ResampledPrior(glob, gfactor, how=how, precision=precision), above, how
 
 
 def scale_record(prior, shape, used: dict) -> dict:
     """The run record's ``prior_scale``: what :func:`for_data` does for data of ``shape`` with
-    the options a method ``used`` (``pixel_mm``, ``prior_scale``, ``detail_below``, ``precision``)."""
+    the options a method ``used`` (``pixel_mm``, ``prior_scale``, ``detail_below``, ``precision``,
+    ``global_above``)."""
     return for_data(prior, shape, used.get("pixel_mm"), used.get("prior_scale"), used.get("detail_below"),
-                    used.get("precision", DEFAULT_PRECISION)).describe()
+                    used.get("precision", DEFAULT_PRECISION), used.get("global_above")).describe()

@@ -146,11 +146,11 @@ def _stats(d: np.ndarray) -> dict:
 
 
 def weights_fingerprint(prior) -> str:
-    """SHA-1 (16 hex digits) of the prior's parameters and buffers, in name order; a detail prior
-    loaded beside it is not part of it (its errors are not the features)."""
+    """SHA-1 (16 hex digits) of the prior's parameters and buffers, in name order; a detail or a
+    global prior loaded beside it is not part of it (their errors are not the features)."""
     h = hashlib.sha1()
     for name, t in sorted(prior.state_dict().items()):
-        if name.startswith("detail_prior."):
+        if name.startswith(("detail_prior.", "global_prior.")):
             continue
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())

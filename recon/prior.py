@@ -210,27 +210,29 @@ def resolve_prior_path(name_or_path) -> Path:
     return path
 
 
-def _detail_path(meta: dict, path: Path) -> Path | None:
-    """Where the detail prior a prior's metadata names lives: beside the prior, else among the
-    shipped priors; one clear error naming both places and both fixes when it is in neither."""
-    name = meta.get("detail_prior")
+def _companion_path(meta: dict, path: Path, key: str = "detail_prior", what: str = "detail prior") -> Path | None:
+    """Where a companion prior the metadata names under ``key`` (the detail or the global prior)
+    lives: beside the prior, else among the shipped priors; one clear error naming both places and
+    both fixes when it is in neither."""
+    name = meta.get(key)
     if not name:
         return None
     for cand in (path.parent / f"{name}.safetensors", PRETRAINED_DIR / f"{name}.safetensors"):
         if cand.exists() and cand.with_suffix(".json").exists():
             return cand
     raise ReconError(
-        f"{path.with_suffix('.json').name} names the detail prior '{name}', but {name}.safetensors with "
+        f"{path.with_suffix('.json').name} names the {what} '{name}', but {name}.safetensors with "
         f"{name}.json is neither beside it ({path.parent}) nor among the shipped priors ({PRETRAINED_DIR}). "
-        f"Put both files beside {path.name}, or remove \"detail_prior\" from {path.with_suffix('.json').name} "
-        "to use the whole-image prior alone.")
+        f"Put both files beside {path.name}, or remove \"{key}\" from {path.with_suffix('.json').name} "
+        "to use the whole-image prior without it.")
 
 
 def load_prior(name_or_path, device=None, ema: bool = True, detail: bool = True) -> Prior:
     """Load a prior by shipped name (``ct``, ``brain-mri``) or by path. Never unpickles.
 
-    A prior whose metadata names a ``detail_prior`` gets it loaded as ``prior.detail_prior``
-    (unless ``detail`` is False), for :func:`recon.multiscale.for_data`."""
+    A prior whose metadata names a ``detail_prior`` or a ``global_prior`` gets them loaded as
+    ``prior.detail_prior`` / ``prior.global_prior`` (unless ``detail`` is False), for
+    :func:`recon.multiscale.for_data`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -258,9 +260,10 @@ def load_prior(name_or_path, device=None, ema: bool = True, detail: bool = True)
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     prior.eval().requires_grad_(False)
     if detail:
-        dpath = _detail_path(meta, path)
-        if dpath is not None:
-            prior.detail_prior = load_prior(dpath, ema=ema, detail=False)
+        for key, what in (("detail_prior", "detail prior"), ("global_prior", "global prior")):
+            cpath = _companion_path(meta, path, key, what)
+            if cpath is not None:
+                setattr(prior, key, load_prior(cpath, ema=ema, detail=False))
     return prior.to(device) if device is not None else prior
 
 

@@ -14,7 +14,8 @@ prior's pixel scale, a Gaussian detail band at the data's), and every noise
 level of the samplers is multiplied by the scale factor between the two, so
 the network sees its own noise range; below ``detail_below`` (native noise level; default
 from the prior, 0 turns it off) the prior's native-resolution detail prior denoises instead,
-where the data's pixels suit it.  ``pixel_mm`` (the data's pixel size,
+where the data's pixels suit it; at and above ``global_above`` (the prior's own noise units;
+default from the prior, 0 turns it off) its coarser whole-image global prior does.  ``pixel_mm`` (the data's pixel size,
 when known) sets that factor against the prior's recorded ``pixel_mm``;
 otherwise the field of view is assumed to match the prior's training images;
 ``prior_scale`` sets the factor directly.  ``precision`` ('fp32', 'bf16', 'auto';
@@ -44,7 +45,7 @@ from recon.samplers import ProjectionConsistency, dds_sample, dps_sample, pc_sam
 
 
 def _prior(prior, device, op=None, pixel_mm: float | None = None, prior_scale: float | None = None,
-           detail_below: float | None = None, precision: str = DEFAULT_PRECISION):
+           detail_below: float | None = None, precision: str = DEFAULT_PRECISION, global_above: float | None = None):
     """The prior, loaded and on ``device``; with ``op``, wrapped for the operator's image size."""
     if prior is None:
         raise ReconError("score-based methods need a prior: pass prior='ct' / 'brain-mri' or a path "
@@ -58,8 +59,9 @@ def _prior(prior, device, op=None, pixel_mm: float | None = None, prior_scale: f
     for name, v in (("pixel_mm", pixel_mm), ("prior_scale", prior_scale)):
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
             raise ReconError(f"{name} must be a positive number, got {v!r}")
-    detail_below = check_options("score", detail_below=detail_below)["detail_below"]
-    return for_data(prior, op.in_shape, pixel_mm, prior_scale, detail_below, precision)
+    levels = check_options("score", detail_below=detail_below, global_above=global_above)
+    return for_data(prior, op.in_shape, pixel_mm, prior_scale, levels["detail_below"], precision,
+                    levels["global_above"])
 
 
 def _defaults(prior, method: str, op, task: str | None) -> dict:
@@ -110,11 +112,11 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
              n_corrector: int | None = None, inverse_iters: int | None = None, sigma_y: float = 0.0, seed: int = 0,
              generator=None, callback=None, task: str | None = None, pixel_mm: float | None = None,
              prior_scale: float | None = None, detail_below: float | None = None,
-             precision: str = DEFAULT_PRECISION):
+             precision: str = DEFAULT_PRECISION, global_above: float | None = None):
     """Predictor-corrector sampling with projection data consistency (Song et al. 2022)."""
     _check_2d(op)
     op = magnitude_operator(op, y)
-    p = _prior(prior, y.device, op, pixel_mm, prior_scale, detail_below, precision)
+    p = _prior(prior, y.device, op, pixel_mm, prior_scale, detail_below, precision, global_above)
     d = {"n_steps": 500, "snr": 0.16, "lam": 1.0, "n_corrector": 1, "inverse_iters": 10, **_defaults(p, "score", op, task)}
     for k, v in dict(n_steps=n_steps, snr=snr, lam=lam, n_corrector=n_corrector, inverse_iters=inverse_iters).items():
         if v is not None:
@@ -159,7 +161,7 @@ def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int |
                sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None,
                pixel_mm: float | None = None, prior_scale: float | None = None,
                z_weight: float = SCORE_FAST_Z_WEIGHT, admm_iters: int = 1, detail_below: float | None = None,
-               precision: str = DEFAULT_PRECISION):
+               precision: str = DEFAULT_PRECISION, global_above: float | None = None):
     """Fast solver: Tweedie + CG + re-noising (DDS-style), n_steps network evaluations.
 
     Slice consistency (issue #11): the batch is read as a volume, consecutive slices
@@ -171,7 +173,7 @@ def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int |
     coupled.  Pass unrelated images as separate calls (or ``z_weight=0``), not as a batch."""
     _check_2d(op)
     op = magnitude_operator(op, y)
-    p = _prior(prior, y.device, op, pixel_mm, prior_scale, detail_below, precision)
+    p = _prior(prior, y.device, op, pixel_mm, prior_scale, detail_below, precision, global_above)
     d = {"n_steps": 100, "cg_iters": 10, "final_cg_iters": None, "sigma_max": 3.0, "eta": 1.0,
          **_defaults(p, "score-fast", op, task)}
     for k, v in dict(n_steps=n_steps, cg_iters=cg_iters, final_cg_iters=final_cg_iters, sigma_max=sigma_max,
@@ -193,11 +195,11 @@ def score_fast(y, op, *, prior=None, n_steps: int | None = None, cg_iters: int |
 def dps(y, op, *, prior=None, n_steps: int | None = None, zeta: float | None = None, sigma_max: float | None = None,
         sigma_y: float = 0.0, seed: int = 0, generator=None, callback=None, task: str | None = None,
         pixel_mm: float | None = None, prior_scale: float | None = None, detail_below: float | None = None,
-        precision: str = DEFAULT_PRECISION):
+        precision: str = DEFAULT_PRECISION, global_above: float | None = None):
     """Diffusion posterior sampling (Chung et al. 2023)."""
     _check_2d(op)
     op = magnitude_operator(op, y)
-    p = _prior(prior, y.device, op, pixel_mm, prior_scale, detail_below, precision)
+    p = _prior(prior, y.device, op, pixel_mm, prior_scale, detail_below, precision, global_above)
     d = {"n_steps": 500, "zeta": 1.0, "sigma_max": 10.0, **_defaults(p, "dps", op, task)}
     for k, v in dict(n_steps=n_steps, zeta=zeta, sigma_max=sigma_max).items():
         if v is not None:
