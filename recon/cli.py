@@ -282,7 +282,8 @@ def run_sample(args):
         model = for_data(prior, hw, args.pixel_mm, precision=DEFAULT_PRECISION)
         d = model.describe()
         log(args, f"sampling {hw[0]}x{hw[1]}: {d.get('action', '')}; detail prior "
-                  f"{d.get('detail_prior') or 'none'} ({d.get('detail_from') or 'not used'}); network in "
+                  f"{d.get('detail_prior') or 'none'} ({d.get('detail_from') or 'not used'}); global prior "
+                  f"{d.get('global_prior') or 'none'} ({d.get('global_from') or 'not used'}); network in "
                   f"{d['precision']}")
     shape = (args.n, *hw)
     sde = model.sde
