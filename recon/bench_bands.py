@@ -77,10 +77,8 @@ def bench_bands(series, prior="ct", task_name: str = "ct", per_series: int = 4, 
         raise ReconError(f"prior {prior!r} names no {against} prior (meta '{against}_prior'): nothing to compare")
     if not series:
         raise ReconError("recon bench bands needs at least one --series")
-    if against == "global":
-        return _bench_global(series, p, prior, task_name, per_series, sigmas or DEFAULT_GLOBAL_SIGMAS, seed, out, log)
-    sigmas = sigmas or DEFAULT_SIGMAS
-    detail = other
+    sigmas = sigmas or (DEFAULT_GLOBAL_SIGMAS if against == "global" else DEFAULT_SIGMAS)
+    cols = ("whole", "global") if against == "global" else ("detail", "whole")
     task = TASKS[task_name]
     rows = []
     for path in series:
@@ -88,27 +86,46 @@ def bench_bands(series, prior="ct", task_name: str = "ct", per_series: int = 4, 
         for k in picks:
             truth = task.prepare(load_source(path, slice_index=k, volume=vol), None)
             x = torch.from_numpy(truth.x)[None].float()
-            whole = for_data(p, x.shape[-2:], truth.pixel_mm if truth.source.dx else None, detail_below=0,
-                             global_above=0)
+            pix = truth.pixel_mm if truth.source.dx else None
+            whole = for_data(p, x.shape[-2:], pix, detail_below=0, global_above=0)
+            if against == "global":  # levels in the whole-image prior's units
+                glob = for_data(p, x.shape[-2:], pix, detail_below=0, global_above=min(sigmas)).glob
+                if glob is None:
+                    raise ReconError(f"{path} slice {k}: the global prior does not apply at {tuple(x.shape[-2:])} "
+                                     "(its grid is not 1.5x coarser than the data's)")
+                unit, fns = whole.sigma_scale, {"whole": whole.denoise, "global": glob.denoise}
+            else:
+                unit, fns = 1.0, {"detail": lambda v, sn: denoise_tiled(other, v, sn), "whole": whole.denoise}
             for j, s in enumerate(sigmas):
                 g = torch.Generator().manual_seed(seed * 100003 + k * 101 + j)
-                xn = x + float(s) * torch.randn(x.shape, generator=g)
-                rows.append({"series": str(path), "slice": k, "sigma": float(s), "shape": list(x.shape[-2:]),
-                             "whole_db": _psnr(whole.denoise(xn, float(s)), x),
-                             "detail_db": _psnr(denoise_tiled(detail, xn, float(s)), x)})
+                sn = float(s) * unit
+                xn = x + sn * torch.randn(x.shape, generator=g)
+                row = {"series": str(path), "slice": k, "sigma": float(s), "shape": list(x.shape[-2:])}
+                if against == "global":
+                    row["native_sigma"] = sn
+                rows.append({**row, **{f"{c}_db": _psnr(fns[c](xn, sn), x) for c in cols}})
             log(f"{Path(path).name} slice {k}: " + ", ".join(
-                f"{r['sigma']:g}: {r['detail_db']:.1f}/{r['whole_db']:.1f}" for r in rows[-len(sigmas):]))
+                f"{r['sigma']:g}: " + "/".join(f"{r[c + '_db']:.1f}" for c in cols) for r in rows[-len(sigmas):]))
     table = []
     for s in sigmas:
         sel = [r for r in rows if r["sigma"] == float(s)]
-        table.append({"sigma": float(s), "n": len(sel), "detail_db": float(np.mean([r["detail_db"] for r in sel])),
-                      "whole_db": float(np.mean([r["whole_db"] for r in sel]))})
-    result = {"prior": str(prior), "detail_prior": detail.meta.get("name"), "task": task_name,
-              "series": [str(s) for s in series], "per_series": per_series, "table": table,
-              "recommended_detail_below": recommended_split(table), "rows": rows}
-    lines = ["| sigma | detail (dB) | whole (dB) | n |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['sigma']:g} | {r['detail_db']:.2f} | {r['whole_db']:.2f} | {r['n']} |" for r in table]
-    lines.append(f"\nrecommended detail_below: {result['recommended_detail_below']}")
+        table.append({"sigma": float(s), "n": len(sel), **{f"{c}_db": float(np.mean([r[c + "_db"] for r in sel]))
+                                                           for c in cols}})
+    result = {"prior": str(prior), f"{against}_prior": other.meta.get("name"), "task": task_name,
+              "against": against, "series": [str(s) for s in series], "per_series": per_series, "table": table}
+    if against == "global":
+        key, units = "recommended_global_above", " (prior units)"
+        result["sigma_units"] = "the whole-image prior's (native sigma / scale factor)"
+        result[key] = recommended_global_above(table)
+    else:
+        key, units = "recommended_detail_below", ""
+        result[key] = recommended_split(table)
+    result["rows"] = rows
+    lines = [f"| sigma{units} | " + " | ".join(f"{c} (dB)" for c in cols) + " | n |",
+             "|---:|" + "---:|" * len(cols) + "---:|"]
+    lines += [f"| {r['sigma']:g} | " + " | ".join(f"{r[c + '_db']:.2f}" for c in cols) + f" | {r['n']} |"
+              for r in table]
+    lines.append(f"\n{key.replace('recommended_', 'recommended ')}: {result[key]}")
     log("\n".join(lines))
     if out:
         from recon.outputs import write_json
@@ -124,52 +141,3 @@ def _slices(path, per_series):
     n = vol.n_slices
     m = min(per_series, n)
     return vol, [int((i + 0.5) * n / m) for i in range(m)]  # evenly spread, distinct (n / m >= 1)
-
-
-def _bench_global(series, p, prior, task_name, per_series, sigmas, seed, out, log) -> dict:
-    """``bench_bands(against='global')``: levels in the whole-image prior's units."""
-    from recon.case import load_source
-    from recon.multiscale import for_data
-    from recon.tasks import TASKS
-
-    task = TASKS[task_name]
-    rows = []
-    for path in series:
-        vol, picks = _slices(path, per_series)
-        for k in picks:
-            truth = task.prepare(load_source(path, slice_index=k, volume=vol), None)
-            x = torch.from_numpy(truth.x)[None].float()
-            pix = truth.pixel_mm if truth.source.dx else None
-            whole = for_data(p, x.shape[-2:], pix, detail_below=0, global_above=0)
-            glob = for_data(p, x.shape[-2:], pix, detail_below=0, global_above=min(sigmas)).glob
-            if glob is None:
-                raise ReconError(f"{path} slice {k}: the global prior does not apply at {tuple(x.shape[-2:])} "
-                                 "(its grid is not 1.5x coarser than the data's)")
-            unit = whole.sigma_scale  # native noise per unit of the prior's
-            for j, s in enumerate(sigmas):
-                g = torch.Generator().manual_seed(seed * 100003 + k * 101 + j)
-                sn = float(s) * unit
-                xn = x + sn * torch.randn(x.shape, generator=g)
-                rows.append({"series": str(path), "slice": k, "sigma": float(s), "native_sigma": sn,
-                             "shape": list(x.shape[-2:]), "whole_db": _psnr(whole.denoise(xn, sn), x),
-                             "global_db": _psnr(glob.denoise(xn, sn), x)})
-            log(f"{Path(path).name} slice {k}: " + ", ".join(
-                f"{r['sigma']:g}: {r['whole_db']:.1f}/{r['global_db']:.1f}" for r in rows[-len(sigmas):]))
-    table = []
-    for s in sigmas:
-        sel = [r for r in rows if r["sigma"] == float(s)]
-        table.append({"sigma": float(s), "n": len(sel), "whole_db": float(np.mean([r["whole_db"] for r in sel])),
-                      "global_db": float(np.mean([r["global_db"] for r in sel]))})
-    result = {"prior": str(prior), "global_prior": p.global_prior.meta.get("name"), "task": task_name,
-              "against": "global", "sigma_units": "the whole-image prior's (native sigma / scale factor)",
-              "series": [str(s) for s in series], "per_series": per_series, "table": table,
-              "recommended_global_above": recommended_global_above(table), "rows": rows}
-    lines = ["| sigma (prior units) | whole (dB) | global (dB) | n |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['sigma']:g} | {r['whole_db']:.2f} | {r['global_db']:.2f} | {r['n']} |" for r in table]
-    lines.append(f"\nrecommended global_above: {result['recommended_global_above']}")
-    log("\n".join(lines))
-    if out:
-        from recon.outputs import write_json
-
-        write_json(Path(out), result)
-    return result
