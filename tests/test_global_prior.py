@@ -164,10 +164,7 @@ def test_recommended_global_above_is_the_lowest_level_from_which_the_global_prio
 
 def test_bench_bands_against_the_global_prior_measures_both_in_the_prior_units(tmp_path):
     from recon.bench_bands import bench_bands
-    from recon.case import load_source
-    from recon.io import read_input
-    from recon.tasks import TASKS
-    from tests.test_native import _write_ct_series
+    from tests.test_native import _write_ct_series, bench_truth, psnr01
 
     data = _write_ct_series(tmp_path / "ct", [(48, 48)] * 3)
     p = with_global()
@@ -177,17 +174,14 @@ def test_bench_bands_against_the_global_prior_measures_both_in_the_prior_units(t
     assert res["global_prior"] == "tiny-global" and [r["sigma"] for r in res["table"]] == [0.2, 1.0]
     r = res["rows"][-1]
     assert r["whole_db"] != r["global_db"] and r["shape"] == [48, 48]
-    vol = read_input(data)
-    truth = TASKS["ct"].prepare(load_source(data, slice_index=r["slice"], volume=vol), None)
-    x = torch.from_numpy(truth.x)[None].float()
+    x, truth = bench_truth(data, r["slice"])
     ms = for_data(p, x.shape[-2:], truth.pixel_mm, detail_below=0, global_above=0.2)
     assert r["native_sigma"] == pytest.approx(1.0 * ms.factor)  # 48 px onto the 16-px prior: 3x
     g = torch.Generator().manual_seed(r["slice"] * 101 + 1)
     xn = x + r["native_sigma"] * torch.randn(x.shape, generator=g)
     with torch.no_grad():
         d = ms.glob.denoise(xn, r["native_sigma"])
-    mse = float(((d.clamp(0, 1) - x.clamp(0, 1)) ** 2).mean())
-    assert abs(10 * np.log10(1 / mse) - r["global_db"]) < 1e-4
+    assert abs(psnr01(d, x) - r["global_db"]) < 1e-4
     with pytest.raises(ReconError, match="no global prior"):
         bench_bands([data], tiny_whole(), "ct", log=lambda m: None, against="global")
     with pytest.raises(ReconError, match="against"):

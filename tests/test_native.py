@@ -320,6 +320,22 @@ def test_recommended_split_is_the_first_level_where_the_whole_image_prior_matche
     assert recommended_split([{"sigma": 0.1, "whole_db": 1.0, "detail_db": 2.0}]) is None
 
 
+def bench_truth(data, k):
+    """Slice ``k`` of series ``data`` as ``recon bench bands`` reads it: (x (1, H, W), the prepared truth)."""
+    from recon.case import load_source
+    from recon.io import read_input
+    from recon.tasks import TASKS
+
+    truth = TASKS["ct"].prepare(load_source(data, slice_index=k, volume=read_input(data)), None)
+    return torch.from_numpy(truth.x)[None].float(), truth
+
+
+def psnr01(d, x) -> float:
+    """PSNR of ``d`` against ``x``, both clipped to [0, 1], as ``recon bench bands`` computes it."""
+    mse = float(((d.clamp(0, 1) - x.clamp(0, 1)) ** 2).mean())
+    return 10 * float(np.log10(1 / mse))
+
+
 def test_bench_bands_measures_both_denoisers_on_a_series_at_its_own_grid(tmp_path):
     from recon.bench_bands import bench_bands
     from recon.multiscale import for_data
@@ -337,19 +353,12 @@ def test_bench_bands_measures_both_denoisers_on_a_series_at_its_own_grid(tmp_pat
     r = res["rows"][0]
     assert r["whole_db"] != r["detail_db"]
     # 'whole' is the sampler's denoiser with the detail prior off: recompute one entry
-    from recon.case import load_source
-    from recon.io import read_input
-    from recon.tasks import TASKS
-
-    vol = read_input(data)
-    truth = TASKS["ct"].prepare(load_source(data, slice_index=r["slice"], volume=vol), None)
-    x = torch.from_numpy(truth.x)[None].float()
+    x, truth = bench_truth(data, r["slice"])
     g = torch.Generator().manual_seed(r["slice"] * 101)
     xn = x + 0.05 * torch.randn(x.shape, generator=g)
     with torch.no_grad():
         d = for_data(whole, x.shape[-2:], truth.pixel_mm, detail_below=0).denoise(xn, 0.05)
-    mse = float(((d.clamp(0, 1) - x.clamp(0, 1)) ** 2).mean())
-    assert abs(10 * np.log10(1 / mse) - r["whole_db"]) < 1e-4
+    assert abs(psnr01(d, x) - r["whole_db"]) < 1e-4
     with pytest.raises(ReconError, match="no detail prior"):
         bench_bands([data], tiny_whole(), "ct", log=lambda m: None)
 
