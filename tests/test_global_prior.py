@@ -8,9 +8,8 @@ import torch
 
 from recon.errors import ReconError
 from recon.multiscale import ResampledPrior, denoise_tiled, for_data
-from recon.networks import UNet
-from recon.prior import EDMDenoiser, Prior, load_prior, save_prior
-from tests.test_native import tiny_detail, tiny_whole
+from recon.prior import load_prior, save_prior
+from tests.test_native import tiny_detail, tiny_net_prior, tiny_whole
 
 GLOBAL_META = {"image_size": 8, "modality": "ct", "window": [-1000, 1000], "sde": {"name": "ve"},
                "name": "tiny-global",
@@ -19,11 +18,7 @@ GLOBAL_META = {"image_size": 8, "modality": "ct", "window": [-1000, 1000], "sde"
 
 
 def tiny_global(seed=2):
-    torch.manual_seed(seed)
-    net = UNet(**{k: v for k, v in GLOBAL_META["architecture"].items() if k != "sigma_data"})
-    for p in net.parameters():
-        p.data.normal_(0, 0.05)
-    return Prior(EDMDenoiser(net), GLOBAL_META).eval()
+    return tiny_net_prior(GLOBAL_META, seed)
 
 
 def with_global(detail=False):

@@ -18,12 +18,17 @@ DETAIL_META = {"image_size": 16, "modality": "ct", "window": [-1000, 1000], "sde
                                 "coords": False, "sigma_data": 0.5}}
 
 
-def tiny_detail(seed=1):
+def tiny_net_prior(meta: dict, seed: int):
+    """A tiny random-weight U-Net prior with metadata ``meta`` (non-trivial weights: zero-init layers otherwise)."""
     torch.manual_seed(seed)
-    net = UNet(**{k: v for k, v in DETAIL_META["architecture"].items() if k != "sigma_data"})
+    net = UNet(**{k: v for k, v in meta["architecture"].items() if k != "sigma_data"})
     for p in net.parameters():
         p.data.normal_(0, 0.05)
-    return Prior(EDMDenoiser(net), DETAIL_META).eval()
+    return Prior(EDMDenoiser(net), meta).eval()
+
+
+def tiny_detail(seed=1):
+    return tiny_net_prior(DETAIL_META, seed)
 
 
 def tiny_whole(seed=0):
