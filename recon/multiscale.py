@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from recon.errors import ReconError
 
 __all__ = ["ResampledPrior", "scale_factor", "detail_std_for", "for_data", "denoise_tiled", "detail_applies",
-           "scale_record", "DEFAULT_GLOBAL_ABOVE", "measure_detail_std", "PRECISIONS", "DEFAULT_PRECISION", "resolve_precision", "native_bf16"]
+           "scale_record", "DEFAULT_GLOBAL_ABOVE", "measure_detail_std", "PRECISIONS", "DEFAULT_PRECISION",
+           "resolve_precision", "native_bf16"]
 
 #: used when a prior's metadata has no measured detail std (fraction of the [0, 1] range)
 DEFAULT_DETAIL_STD = 0.03
@@ -340,8 +341,9 @@ class ResampledPrior(torch.nn.Module):
         else:
             action = "the prior runs on the data's grid (scale within 1.5x)"
         name = (getattr(self.detail, "meta", None) or {}).get("name", "detail prior")
+        gmeta = None if self.glob is None else (getattr(self.glob.prior, "meta", None) or {})
+        gname = None if gmeta is None else gmeta.get("name", "global prior")
         if self.glob is not None:
-            gname = (getattr(self.glob.prior, "meta", None) or {}).get("name", "global prior")
             action = (f"{action}; at or above noise {self.global_above:g} (the prior's units): the global prior "
                       f"'{gname}' at 1/{self.glob.factor:.3g} resolution ({self.glob.prior.image_size}-px grid)")
         if self.detail is not None:
@@ -351,8 +353,7 @@ class ResampledPrior(torch.nn.Module):
                "precision": self.precision,
                "prior_image_size": self.prior.image_size,
                "detail_prior": name if self.detail is not None else None, "detail_below": self.detail_below,
-               "global_prior": (self.glob.prior.meta or {}).get("name", "global prior") if self.glob is not None
-               else None, "global_above": self.global_above}
+               "global_prior": gname, "global_above": self.global_above}
         if self.detail_how:
             rec["detail_from"] = self.detail_how
         if self.global_how:

@@ -102,16 +102,12 @@ def test_load_prior_loads_the_named_global_prior_and_fails_clearly_without(tmp_p
 
 @pytest.mark.parametrize("method", ["score", "score-fast", "dps"])
 def test_every_score_method_runs_with_a_global_prior_at_odd_sizes(method):
-    from forward_models import CartesianMRI, Inpainting
     from recon.methods import get_method
+    from tests.test_multiscale import odd_size_problems
 
     p = with_global(detail=True)
     shape = (41, 35)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand((1, *shape), generator=g)
-    mask = (torch.rand(shape, generator=g) > 0.5).float()
-    for op in (Inpainting(mask, shape=shape), CartesianMRI(mask)):
-        y = op.A(x.to(torch.complex64) if op.is_complex_input else x)
+    for y, op in odd_size_problems(shape):
         out = get_method(method)(y, op, prior=p, n_steps=4, seed=0)
         off = get_method(method)(y, op, prior=p, n_steps=4, seed=0, global_above=0)
         assert out.shape == (1, *shape) and torch.isfinite(out).all()

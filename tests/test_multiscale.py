@@ -97,19 +97,26 @@ def test_scale_factor_maps_the_image_onto_the_prior_grid_and_checks_pixel_sizes(
     assert detail_std_for(p, 8.0) == pytest.approx(0.04)
 
 
+def odd_size_problems(shape):
+    """(y, op) of a random image of ``shape`` under an inpainting and a Cartesian MRI (complex,
+    Fourier) operator with one random mask (seed 0)."""
+    from forward_models import CartesianMRI, Inpainting
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((1, *shape), generator=g)
+    mask = (torch.rand(shape, generator=g) > 0.5).float()
+    ops = (Inpainting(mask, shape=shape), CartesianMRI(mask))
+    return [(op.A(x.to(torch.complex64) if op.is_complex_input else x), op) for op in ops]
+
+
 @pytest.mark.parametrize("method", ["score", "score-fast", "dps"])
 @pytest.mark.parametrize("shape", [(17, 23), (40, 31)])
 def test_every_score_method_runs_at_any_image_size(method, shape):
     """Odd and non-square images, smaller and larger than the prior's 16 px, through each
     score method on MRI (complex, Fourier) and inpainting operators."""
-    from forward_models import CartesianMRI, Inpainting
     from recon.methods import get_method
 
     p = tiny_prior()
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand((1, *shape), generator=g)
-    mask = (torch.rand(shape, generator=g) > 0.5).float()
-    for op in (Inpainting(mask, shape=shape), CartesianMRI(mask)):
-        y = op.A(x.to(torch.complex64) if op.is_complex_input else x)
+    for y, op in odd_size_problems(shape):
         out = get_method(method)(y, op, prior=p, n_steps=3, seed=0)
         assert out.shape == (1, *shape) and torch.isfinite(out).all()

@@ -196,17 +196,13 @@ def test_load_prior_loads_the_named_detail_prior_beside_it_and_fails_clearly_wit
 
 @pytest.mark.parametrize("method", ["score", "score-fast", "dps"])
 def test_every_score_method_runs_with_a_detail_prior_at_odd_sizes(method):
-    from forward_models import CartesianMRI, Inpainting
     from recon.methods import get_method
+    from tests.test_multiscale import odd_size_problems
 
     whole = tiny_whole()
     whole.detail_prior = tiny_detail()
     shape = (41, 35)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand((1, *shape), generator=g)
-    mask = (torch.rand(shape, generator=g) > 0.5).float()
-    for op in (Inpainting(mask, shape=shape), CartesianMRI(mask)):
-        y = op.A(x.to(torch.complex64) if op.is_complex_input else x)
+    for y, op in odd_size_problems(shape):
         out = get_method(method)(y, op, prior=whole, n_steps=4, seed=0)
         off = get_method(method)(y, op, prior=whole, n_steps=4, seed=0, detail_below=0)
         assert out.shape == (1, *shape) and torch.isfinite(out).all()
