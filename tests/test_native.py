@@ -74,6 +74,27 @@ def test_tiles_of_a_network_blend_smoothly_and_equal_it_when_one_tile_covers_the
     assert float((tiled - whole).abs().mean()) < 0.2 * float(whole.abs().mean())
 
 
+def test_a_large_batch_runs_in_chunks_on_the_cpu_with_the_same_values(monkeypatch):
+    import recon.prior as prior_mod
+    from tests.test_prior import tiny_prior
+
+    for p in (tiny_detail(), tiny_prior()):  # without and with coordinate channels
+        x = torch.rand(7, 16, 16, generator=torch.Generator().manual_seed(2))
+        sig = torch.linspace(0.05, 2.0, 7)
+        calls = []
+        hook = p.denoiser.net.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+        with torch.no_grad():
+            whole = p.denoise(x, sig)
+            monkeypatch.setattr(prior_mod, "CPU_CHUNK_PX", 3 * 16 * 16)
+            chunked = p.denoise(x, sig)
+        with torch.enable_grad():  # gradients (DPS): one call
+            p.denoise(x.clone().requires_grad_(), sig)
+        hook.remove()
+        monkeypatch.undo()
+        assert calls == [7, 3, 3, 1, 7]
+        assert torch.allclose(chunked, whole, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # the multi-scale denoiser with a detail prior
 # ---------------------------------------------------------------------------
