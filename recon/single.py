@@ -48,7 +48,7 @@ class Inputs:
     #: a multi-slice input: which slices (``all`` by default, ``a:b``; see recon.volume)
     slices: str | None = None
     #: slices per method call for a multi-slice input
-    batch: int = 4
+    batch: int = 16
     #: measured multi-slice data: slice spacing in mm for the NIfTI affine (None: unknown, 1)
     slice_spacing: float | None = None
 
