@@ -217,8 +217,9 @@ def _tile_starts(n: int, tile: int, overlap: int) -> list:
 
 def denoise_tiled(prior, x: torch.Tensor, sigma, tile: int = DETAIL_TILE, overlap: int = DETAIL_OVERLAP):
     """``prior``'s denoiser on ``x`` (B, H, W) of any size, over ``tile``-px tiles that overlap by
-    ``overlap`` px, blended with linear ramps; all tiles of the batch go through the network in
-    one call.  An image no larger than a tile is denoised whole."""
+    ``overlap`` px, blended with linear ramps; all tiles of the batch go to the denoiser as one
+    batch (which on the CPU runs the network in chunks, ``recon.prior.CPU_CHUNK_PX``).  An image
+    no larger than a tile is denoised whole."""
     b, h, w = x.shape
     th, tw = min(tile, h), min(tile, w)
     ys, xs = _tile_starts(h, th, overlap), _tile_starts(w, tw, overlap)
@@ -341,8 +342,7 @@ class ResampledPrior(torch.nn.Module):
         else:
             action = "the prior runs on the data's grid (scale within 1.5x)"
         name = (getattr(self.detail, "meta", None) or {}).get("name", "detail prior")
-        gmeta = None if self.glob is None else (getattr(self.glob.prior, "meta", None) or {})
-        gname = None if gmeta is None else gmeta.get("name", "global prior")
+        gname = None if self.glob is None else (getattr(self.glob.prior, "meta", None) or {}).get("name", "global prior")
         if self.glob is not None:
             action = (f"{action}; at or above noise {self.global_above:g} (the prior's units): the global prior "
                       f"'{gname}' at 1/{self.glob.factor:.3g} resolution ({self.glob.prior.image_size}-px grid)")
