@@ -277,14 +277,16 @@ class ProjectionConsistency:
 # predictor-corrector
 # ---------------------------------------------------------------------------
 def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr: float = 0.16,
-              n_corrector: int = 1, predictor: str = "reverse_diffusion", consistency=None,
+              n_corrector: int = 1, predictor: str = "reverse_diffusion", corrector: str = "langevin", consistency=None,
               final_lam: float | None = 1.0, eps: float = 1e-3, generator=None, callback=None,
               dtype=torch.float32, device=None, denoise: bool = True, timesteps=None, x_init=None):
     """Predictor-corrector sampling, unconditional or with ``consistency``.
 
     Returns x0 of ``shape`` (B, H, W).  ``predictor`` is 'reverse_diffusion'
     or 'euler_maruyama'; ``n_corrector`` Langevin steps per level with step
-    size 2 (snr ||z|| / ||score||)^2, capped at 2 (snr sigma)^2.  The last step uses lam = ``final_lam``
+    size 2 (snr ||z|| / ||score||)^2, capped at 2 (snr sigma)^2; ``corrector`` 'langevin'
+    (Song et al.) or 'vp' (the same step with its noise scaled so that it keeps the variance
+    of noise at the current level, :func:`_vp_langevin`).  The last step uses lam = ``final_lam``
     and a final Tweedie denoising step (``denoise``).
 
     ``timesteps``: descending positive SDE times, one per step (default
@@ -295,6 +297,8 @@ def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr:
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor '{predictor}'; available: {', '.join(PREDICTORS)}")
+    if corrector not in CORRECTORS:
+        raise ValueError(f"unknown corrector '{corrector}'; available: {', '.join(CORRECTORS)}")
     sde = sde or prior.sde
     if timesteps is None:
         ts = sde_timesteps(sde, n_steps, eps)
@@ -307,6 +311,7 @@ def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr:
     u = _initial(x_init, shape, float(sigmas[0]), generator, dtype, device)
     dc = consistency or (lambda u, sigma, lam=None: u)
     step_fn = PREDICTORS[predictor]
+    correct = CORRECTORS[corrector]
     for i in range(n_steps):
         sigma = float(sigmas[i])
         sigma_next = float(sigmas[i + 1]) if i + 1 < n_steps else 0.0
@@ -325,7 +330,7 @@ def pc_sample(prior, shape, *, sde: SDE | None = None, n_steps: int = 1000, snr:
             # Langevin step of Song & Ermon (2019) for a denoiser that sees the noise it is told
             gn = score.flatten(1).norm(dim=1).clamp_min(1e-12).maximum(zn / sigma)
             step = (2 * (snr * zn / gn) ** 2).reshape(-1, *[1] * (u.dim() - 1))
-            u = u + step * score + torch.sqrt(2 * step) * z
+            u = correct(u, score, z, step, sigma)
             check_finite(u, i, sigma, snr, "corrector")
         u = dc(u, sigma, lam)
         u = step_fn(prior, u, sigma, sigma_next, generator, ts[i], ts[i + 1] if not last else None, sde)
@@ -360,6 +365,30 @@ def _euler_maruyama(prior, u, sigma, sigma_next, generator, t, t_next, sde):
 
 
 PREDICTORS = {"reverse_diffusion": _reverse_diffusion, "euler_maruyama": _euler_maruyama}
+
+
+def _langevin(u, score, z, step, sigma):
+    """Langevin corrector step (Song et al. 2021, Alg. 4): u + eps score + sqrt(2 eps) z."""
+    return u + step * score + torch.sqrt(2 * step) * z
+
+
+def _vp_langevin(u, score, z, step, sigma):
+    """The Langevin step with its noise scaled to keep the variance of noise at level sigma.
+
+    With a = eps / sigma^2, the noise of a sample at level sigma (score -n / sigma^2) becomes
+    (1 - a) n + sigma sqrt(2a - a^2) z: variance sigma^2 again, where the plain step leaves
+    sigma^2 / (1 - a/2) (the unadjusted Langevin algorithm's stationary variance on a
+    Gaussian; with the capped step a = 2 snr^2, i.e. 2.8x at snr 0.8).  Equal to
+    :func:`_langevin` to first order in a; a is capped at 1, where the step is "denoise,
+    then add fresh noise of std sigma" (D(u) + sigma z).  Along signal directions whose
+    variance is far above sigma^2 the step shrinks the spread by about (1 - a/2), so it
+    leans toward the posterior mean: more accurate images, less diverse samples.
+    """
+    a = (step / sigma**2).clamp(max=1.0)
+    return u + (a * sigma**2) * score + sigma * torch.sqrt(2 * a - a * a) * z
+
+
+CORRECTORS = {"langevin": _langevin, "vp": _vp_langevin}
 
 
 # ---------------------------------------------------------------------------

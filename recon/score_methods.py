@@ -41,7 +41,7 @@ from recon.baselines import check_options
 from recon.errors import ReconError
 from recon.multiscale import DEFAULT_PRECISION, for_data
 from recon.prior import load_prior
-from recon.samplers import ProjectionConsistency, dds_sample, dps_sample, pc_sample
+from recon.samplers import CORRECTORS, ProjectionConsistency, dds_sample, dps_sample, pc_sample
 
 
 def _prior(prior, device, op=None, pixel_mm: float | None = None, prior_scale: float | None = None,
@@ -109,7 +109,8 @@ def magnitude_operator(op, y):
 
 
 def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None = None, lam: float | None = None,
-             n_corrector: int | None = None, inverse_iters: int | None = None, sigma_y: float = 0.0, seed: int = 0,
+             n_corrector: int | None = None, inverse_iters: int | None = None, corrector: str | None = None,
+             sigma_y: float = 0.0, seed: int = 0,
              generator=None, callback=None, task: str | None = None, pixel_mm: float | None = None,
              prior_scale: float | None = None, detail_below: float | None = None,
              precision: str = DEFAULT_PRECISION, global_above: float | None = None):
@@ -117,18 +118,23 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
     _check_2d(op)
     op = magnitude_operator(op, y)
     p = _prior(prior, y.device, op, pixel_mm, prior_scale, detail_below, precision, global_above)
-    d = {"n_steps": 500, "snr": 0.16, "lam": 1.0, "n_corrector": 1, "inverse_iters": 10, **_defaults(p, "score", op, task)}
-    for k, v in dict(n_steps=n_steps, snr=snr, lam=lam, n_corrector=n_corrector, inverse_iters=inverse_iters).items():
+    d = {"n_steps": 500, "snr": 0.16, "lam": 1.0, "n_corrector": 1, "inverse_iters": 10, "corrector": "langevin",
+         **_defaults(p, "score", op, task)}
+    for k, v in dict(n_steps=n_steps, snr=snr, lam=lam, n_corrector=n_corrector, inverse_iters=inverse_iters,
+                     corrector=corrector).items():
         if v is not None:
             d[k] = v
     d = check_options("score", **d)
+    if d["corrector"] not in CORRECTORS:
+        raise ReconError(f"method 'score': option corrector must be one of {', '.join(CORRECTORS)}, "
+                         f"got {d['corrector']!r}")
     sigma_y = check_options("score", sigma_y=sigma_y)["sigma_y"]
     g = _generator(y, seed, generator)
     dc = ProjectionConsistency(y, op, lam=d["lam"], sigma_y=sigma_y, generator=g, inverse_iters=int(d["inverse_iters"]))
     dtype = y.real.dtype
     with torch.no_grad():
         x = pc_sample(p, (y.shape[0], *op.in_shape), sde=p.sde, n_steps=int(d["n_steps"]), snr=float(d["snr"]),
-                      n_corrector=int(d["n_corrector"]), consistency=dc, generator=g, dtype=dtype,
+                      n_corrector=int(d["n_corrector"]), corrector=d["corrector"], consistency=dc, generator=g, dtype=dtype,
                       device=y.device, callback=callback, final_lam=1.0 if sigma_y == 0 else None)
     return x.clamp(min=0)  # not above: the data may hold values above the window (full HU range)
 

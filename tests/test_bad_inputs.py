@@ -169,7 +169,8 @@ def test_every_baseline_validates_its_numeric_options(method, op, options, needl
 
 @pytest.mark.parametrize("method,options,needle", [
     ("score", {"n_steps": 0}, "n_steps"), ("score", {"snr": -0.1}, "snr"),
-    ("score", {"n_corrector": -1}, "n_corrector"), ("score-fast", {"n_steps": -3}, "n_steps"),
+    ("score", {"n_corrector": -1}, "n_corrector"), ("score", {"corrector": "mala"}, "corrector"),
+    ("score-fast", {"n_steps": -3}, "n_steps"),
     ("score-fast", {"cg_iters": 0}, "cg_iters"), ("score-fast", {"eta": 2.0}, "eta"),
     ("dps", {"zeta": -1.0}, "zeta"), ("dps", {"sigma_max": 0.0}, "sigma_max"),
 ])
