@@ -134,8 +134,8 @@ def score_pc(y, op, *, prior=None, n_steps: int | None = None, snr: float | None
     dtype = y.real.dtype
     with torch.no_grad():
         x = pc_sample(p, (y.shape[0], *op.in_shape), sde=p.sde, n_steps=int(d["n_steps"]), snr=float(d["snr"]),
-                      n_corrector=int(d["n_corrector"]), corrector=d["corrector"], consistency=dc, generator=g, dtype=dtype,
-                      device=y.device, callback=callback, final_lam=1.0 if sigma_y == 0 else None)
+                      n_corrector=int(d["n_corrector"]), corrector=d["corrector"], consistency=dc, generator=g,
+                      dtype=dtype, device=y.device, callback=callback, final_lam=1.0 if sigma_y == 0 else None)
     return x.clamp(min=0)  # not above: the data may hold values above the window (full HU range)
 
 

@@ -6,7 +6,7 @@ from forward_models import Inpainting as MaskOp
 from recon.errors import ReconError
 from recon.likelihood import log_likelihood
 from recon.prior import GaussianPrior
-from recon.samplers import dds_sample, dps_sample, ode_sample, pc_sample, ProjectionConsistency
+from recon.samplers import CORRECTORS, dds_sample, dps_sample, ode_sample, pc_sample, ProjectionConsistency
 
 
 def correlated_gaussian(h=3, w=3):
@@ -335,34 +335,19 @@ def test_projection_step_with_an_exact_inverse_is_song_et_al_formula():
     torch.testing.assert_close(dc(u, 0.0, lam), u + lam * mask * (y - u))
 
 
-class _ZeroPrior:
-    """The denoiser of a point mass at 0: a sample at level sigma is pure noise, score -u / sigma^2."""
-
-    def __init__(self):
-        from recon.sde import VESDE
-
-        self.sde = VESDE(0.01, 1.0)
-
-    def denoise(self, u, sigma):
-        return torch.zeros_like(u)
-
-
 @pytest.mark.parametrize("snr", [0.3, 0.7071])
 def test_vp_corrector_keeps_the_noise_level_where_langevin_inflates_it(snr):
     """On noise of std sigma, repeated capped Langevin steps settle at variance sigma^2 / (1 - snr^2)
     (the unadjusted Langevin algorithm's bias, 2.8x at the old CT default snr 0.8); the 'vp'
-    corrector keeps sigma^2."""
-    from recon.samplers import CORRECTORS
-
+    corrector keeps sigma^2.  The prior is a point mass at 0: the sample is pure noise, its score -u / sigma^2."""
     sigma = 0.5
-    prior = _ZeroPrior()
     g = torch.Generator().manual_seed(0)
     out = {}
     for name, fn in CORRECTORS.items():
         u = sigma * torch.randn(4, 64, 64, generator=g, dtype=torch.float64)
         var = []
         for i in range(60):
-            score = (prior.denoise(u, sigma) - u) / sigma**2
+            score = -u / sigma**2
             step = torch.full((4, 1, 1), 2 * (snr * sigma) ** 2, dtype=torch.float64)
             u = fn(u, score, torch.randn(u.shape, generator=g, dtype=torch.float64), step, sigma)
             if i >= 20:  # settled (the variance converges like (1 - 2 snr^2)^(2i))
@@ -373,8 +358,6 @@ def test_vp_corrector_keeps_the_noise_level_where_langevin_inflates_it(snr):
 
 
 def test_vp_corrector_at_unit_step_is_denoise_then_renoise():
-    from recon.samplers import CORRECTORS
-
     g = torch.Generator().manual_seed(3)
     sigma, u, d, z = 0.3, *(torch.randn(1, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
     score = (d - u) / sigma**2
