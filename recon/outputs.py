@@ -54,7 +54,7 @@ def _fmt(v) -> str:
 
 #: extra columns, after :data:`METRIC_COLUMNS`, when any row has them (CT: HU and clinical windows)
 EXTRA_METRIC_COLUMNS = ("rmse_hu", "psnr_brain", "ssim_brain", "psnr_soft_tissue", "ssim_soft_tissue",
-                        "psnr_lung", "ssim_lung")
+                        "psnr_lung", "ssim_lung", "rmse_hu_body", "psnr_body", "ssim_body")
 
 
 def metrics_csv_text(rows: list[dict]) -> str:

@@ -452,7 +452,7 @@ def test_demo_skips_unshipped_prior(tmp_path, capsys, monkeypatch):
     rows = list(csv.reader(open(out / "metrics.csv")))
     assert rows[0][:6] == HEADER and [r[1] for r in rows[1:]] == ["fbp"]
     assert rows[0][6:] == ["rmse_hu", "psnr_brain", "ssim_brain", "psnr_soft_tissue", "ssim_soft_tissue", "psnr_lung",
-                           "ssim_lung"]  # CT: HU and clinical windows after the fixed columns
+                           "ssim_lung", "rmse_hu_body", "psnr_body", "ssim_body"]  # CT: HU, clinical windows, patient only
 
 
 # ---------------------------------------------------------------------------

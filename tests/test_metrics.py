@@ -79,3 +79,60 @@ def test_bad_inputs():
         nmse(x, np.zeros_like(ref))
     with pytest.raises(ValueError):
         psnr(x[0], ref[0], 1.0)  # 1-D
+
+
+# ---------------------------------------------------------------------------
+# CT in clinical terms: HU, clinical windows, the patient only
+# ---------------------------------------------------------------------------
+def _chest_phantom(n=128):
+    """Air (-1000 HU) around an elliptic body (40 HU) with two lungs (-850 HU) inside, and a
+    patient table (200 HU) below the body, separated from it by an air gap."""
+    yy, xx = np.mgrid[:n, :n].astype(float)
+    img = np.full((n, n), -1000.0)
+    body = ((yy - 52) / 38) ** 2 + ((xx - 64) / 54) ** 2 <= 1
+    img[body] = 40.0
+    for cx in (40, 88):
+        img[((yy - 52) / 22) ** 2 + ((xx - cx) / 16) ** 2 <= 1] = -850.0
+    table = np.zeros((n, n), bool)
+    table[100:108, 10:118] = True
+    img[table] = 200.0
+    return img, body, table
+
+
+def test_body_mask_is_the_patient_with_its_lungs_and_without_the_table():
+    from recon.metrics import body_mask
+
+    img, body, table = _chest_phantom()
+    m = body_mask(img)
+    assert m.dtype == bool and m.shape == img.shape
+    assert not (m & table).any()  # the table is not the patient
+    assert (m & body).sum() / body.sum() > 0.99 and (m & ~body).sum() / body.sum() < 0.01  # lungs filled in
+    vol = np.stack([img, img])
+    assert np.array_equal(body_mask(vol), np.stack([m, m]))  # (z, y, x): slice by slice
+    with pytest.raises(Exception, match="2-D slice"):
+        body_mask(img[0])
+
+
+def test_hu_metrics_windows_and_body_only():
+    from recon.metrics import hu_metrics
+
+    img, body, table = _chest_phantom()
+    rec = img.copy()
+    rec[body] += 20.0  # 20 HU inside the patient
+    m = hu_metrics(rec, img)
+    assert m["rmse_hu"] == pytest.approx(20.0 * np.sqrt(body.mean()))
+    assert m["rmse_hu_body"] == pytest.approx(20.0, rel=0.02)  # nearly all of the mask is the body
+    assert m["psnr_body"] == pytest.approx(10 * np.log10(1 / (20 / 2000) ** 2), abs=0.1)  # [-1000, 1000] HU window
+    # the soft-tissue window [-160, 240]: 20 HU of 400 on the body's soft tissue, clipped lungs unchanged
+    soft = body & (img > -160)
+    assert m["psnr_soft_tissue"] == pytest.approx(10 * np.log10(1 / ((20 / 400) ** 2 * soft.mean())), abs=1e-6)
+    # an error on the table alone moves the whole-image figures, not the patient's
+    rec2 = img.copy()
+    rec2[table] += 300.0
+    m2 = hu_metrics(rec2, img)
+    assert m2["rmse_hu"] > 0 and m2["rmse_hu_body"] == 0 and m2["psnr_body"] == float("inf")
+    assert m2["ssim_body"] == pytest.approx(1.0)
+    # no patient in the image (air only): no body figures, the others stay
+    air = np.full((64, 64), -1000.0)
+    m3 = hu_metrics(air + 1.0, air)
+    assert "psnr_body" not in m3 and m3["rmse_hu"] == pytest.approx(1.0)
