@@ -166,6 +166,10 @@ def add_train(sub):
     p.add_argument("--full-range", action="store_true",
                    help="CT: clip below the window only, so bone and metal keep values above 1 (the scale "
                         "reconstructions use); without it the window clips at both ends")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="training steps in float32, or with the network under bfloat16 autocast (weights, "
+                        "optimiser and validation stay float32); auto (default): bf16 where the device "
+                        "computes it natively (CPUs with AMX or AVX512-BF16, recent GPUs), else fp32")
     common_options(p)
     return p
 
@@ -196,7 +200,8 @@ def run_train(args):
                       max_images=args.max_images, checkpoint_every=args.checkpoint_every,
                       progress=progress_enabled(args), objective=args.objective, full_every=args.full_every,
                       full_p_mean=full_p_mean, full_p_std=full_p_std, p_mean=p_mean, p_std=p_std,
-                      native=args.native, full_range=args.full_range)
+                      native=args.native, full_range=args.full_range, device=args.device,
+                      precision=args.precision)
     out = train(cfg, log=lambda m: log(args, m))
     log(args, f"wrote {out}")
 

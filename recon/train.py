@@ -37,12 +37,19 @@ from recon.sde import SDE, VESDE, _bc, sde_from_config
 # ---------------------------------------------------------------------------
 # losses
 # ---------------------------------------------------------------------------
+def _draw(fn, shape, generator, like):
+    """``fn`` (``torch.randn`` / ``torch.rand``) of ``shape`` drawn on ``generator``'s device (so a
+    CPU generator drives training on a GPU, and CPU runs are unchanged), then moved to ``like``'s."""
+    dev = generator.device if generator is not None else like.device
+    return fn(shape, generator=generator, dtype=like.dtype, device=dev).to(like.device)
+
+
 def edm_loss(denoiser, x0, generator=None, p_mean=-1.2, p_std=1.2, coords=None, sigma_data=None):
     """EDM loss (Karras et al. 2022, eq. 8 with lambda = 1 / c_out^2)."""
     b = x0.shape[0]
-    n = torch.randn(b, generator=generator, dtype=x0.dtype, device=x0.device)
+    n = _draw(torch.randn, (b,), generator, x0)
     sigma = torch.exp(p_mean + p_std * n)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    noise = _draw(torch.randn, x0.shape, generator, x0)
     sd = sigma_data if sigma_data is not None else denoiser.sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     d = denoiser(x0 + _bc(sigma, x0) * noise, sigma, coords)
@@ -56,8 +63,8 @@ def dsm_loss(score_fn, x0, sde: SDE, generator=None, eps=1e-5, likelihood_weight
     (Song, Durkan, Murray & Ermon 2021).
     """
     b = x0.shape[0]
-    t = torch.rand(b, generator=generator, dtype=x0.dtype, device=x0.device) * (sde.T - eps) + eps
-    z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    t = _draw(torch.rand, (b,), generator, x0) * (sde.T - eps) + eps
+    z = _draw(torch.randn, x0.shape, generator, x0)
     mean, std = sde.marginal(x0, t)
     score = score_fn(mean + std * z, t)
     if likelihood_weighting:
@@ -84,9 +91,9 @@ def training_loss(objective: str, denoiser, x0, generator, coords=None, sigma_da
     if objective == "ssm":
         # noise-conditional sliced score matching: SSM of p_sigma at a random level, weighted by sigma^2
         b = x0.shape[0]
-        t = torch.rand(b, generator=generator, dtype=x0.dtype) * (1 - 1e-3) + 1e-3
+        t = _draw(torch.rand, (b,), generator, x0) * (1 - 1e-3) + 1e-3
         _, sigma = sde.scale_sigma(t)
-        xt = x0 + _bc(sigma, x0) * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        xt = x0 + _bc(sigma, x0) * _draw(torch.randn, x0.shape, generator, x0)
         fn = _denoiser_score_fn(denoiser, sde, coords)
         return ssm_loss(lambda v: fn(v, t) * _bc(sigma, v), xt, generator) / x0[0].numel()
     raise ReconError(f"unknown objective '{objective}'; available: edm, dsm, dsm-lw, ssm")
@@ -97,7 +104,7 @@ def ssm_loss(score_fn, x, generator=None, n_particles=1):
     x = x.detach().requires_grad_(True)
     total = 0.0
     for _ in range(n_particles):
-        v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        v = _draw(torch.randn, x.shape, generator, x)
         s = score_fn(x)
         sv = (s * v).flatten(1).sum(1)
         grad = torch.autograd.grad(sv.sum(), x, create_graph=True)[0]
@@ -322,6 +329,13 @@ class TrainConfig:
     #: CT clipped below the window only (bone and metal keep values > 1); native implies it
     full_range: bool = False
     extra_meta: dict = field(default_factory=dict)
+    #: compute device ('cpu', 'cuda', 'auto' or a torch.device); batches and noise are drawn on
+    #: the CPU generator either way, so a fixed seed gives the same stream on both
+    device: str = "cpu"
+    #: network precision of the training steps: 'fp32'; 'bf16' (forward under bfloat16 autocast,
+    #: float32 weights, optimiser and validation; measured 2.1-2.6x faster per step on this
+    #: project's AMX CPU); 'auto': bf16 where the device computes it natively
+    precision: str = "fp32"
 
 
 def _dist():
@@ -345,7 +359,8 @@ def validation_bands(denoiser, val: torch.Tensor, seed=1234, n_sigma=8, p_mean=-
     sd = denoiser.sigma_data
     bands = []
     for s in sigmas:
-        noise = torch.randn(val.shape, generator=g)
+        noise = torch.randn(val.shape, generator=g).to(val.device)
+        s = s.to(val.device)
         d = denoiser(val + s * noise, s.expand(len(val)))
         bands.append((float(s), float(((s**2 + sd**2) / (s * sd) ** 2) * ((d - val) ** 2).mean())))
     return bands
@@ -383,9 +398,17 @@ def _pixel_summary(pixel_mm, sides=()) -> dict:
 def train(cfg: TrainConfig, log=print) -> Path:
     from tqdm import tqdm
 
+    from recon.device import resolve_device
+    from recon.multiscale import resolve_precision
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device) if isinstance(cfg.device, str) else torch.device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     rank, world = _dist()
+    if device.type == "cuda" and world > 1:  # one GPU per process (torchrun sets LOCAL_RANK)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
     if out.suffix != ".safetensors":
@@ -408,11 +431,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
         tr_idx, va_idx = split_by_patient(patients, seed=cfg.seed)
         train_x, val_x = images[tr_idx], images[va_idx][:16]
         n_images = len(images)
+    if val_x is not None:
+        val_x = val_x.to(device)
     if rank == 0:
         log(f"loaded {n_images} images ({len(set(patients))} patients) in {time.time() - t_load:.0f}s: "
             f"{len(tr_idx)} train, {len(va_idx)} validation")
 
     history, step, elapsed_before, val_history = [], 0, 0.0, []
+    precision_history = []  # [first step, precision] per change
     arch = dict(channels=1, base=cfg.base, mults=list(cfg.mults), n_res=cfg.n_res,
                 attn_levels=list(cfg.attn_levels), coords=not cfg.native, sigma_data=0.5)
     if cfg.modality != "ct":
@@ -435,7 +461,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
     }
     if cfg.native:
         meta.update(native=True, **_pixel_summary(pixel_mm, [max(v.shape[-2:]) for v in natives]))
-    model = EDMDenoiser(UNet(**{k: v for k, v in arch.items() if k != "sigma_data"}), 0.5)
+    model = EDMDenoiser(UNet(**{k: v for k, v in arch.items() if k != "sigma_data"}), 0.5).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     optim_path = out.with_suffix(".optim.pt")
@@ -453,6 +479,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
         tr = prev.get("training", {})
         step, elapsed_before, history = tr.get("steps", 0), tr.get("seconds", 0.0), tr.get("history", [])
         val_history = list(tr.get("val_history", []))
+        # priors trained before precision was recorded ran in float32
+        precision_history = [list(e) for e in tr.get("precision_history", [[0, "fp32"]])]
         for key, value in prev.items():  # keep what training does not own (name, tuned sampler
             if key != "ema_dtype":       # defaults, out-of-distribution reference, pixel size, ...);
                 meta.setdefault(key, value)  # training writes float32 EMA weights
@@ -460,7 +488,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             meta["normalisation_history"] = prev.get("normalisation_history", []) + [
                 {"until_step": step, "normalisation": prev.get("normalisation")}]
         if optim_path.exists():
-            st = torch.load(optim_path, weights_only=True)
+            st = torch.load(optim_path, weights_only=True, map_location="cpu")
             if st.get("step") == step:
                 opt.load_state_dict(st["optim"])
                 torch.set_rng_state(st["rng"])
@@ -471,11 +499,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 log(f"WARNING: {out} is already at step {step} >= --steps {cfg.steps} (a total, not a "
                     f"number of new steps): nothing to train; give --steps larger than {step}")
     meta.setdefault("name", out.stem)
+    if not precision_history or precision_history[-1][1] != precision:
+        precision_history.append([step, precision])
     train_sde = sde_from_config(meta["sde"])
     meta["objective"] = cfg.objective
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     g = torch.Generator().manual_seed(cfg.seed * 1000 + rank + step)
     if world == 1 and data_rng is not None:
         g.set_state(data_rng)  # continue the batch/noise stream exactly where the checkpoint left it
@@ -497,7 +528,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "final_train_loss": float(np.mean([h[1] for h in history[-10:]])) if history else None,
             "final_val_loss": val, "val_loss_by_sigma": [[round(a, 5), round(b, 5)] for a, b in bands],
             "val_history": val_history, "history": history, "world_size": world,
-            "torch": torch.__version__,
+            "torch": torch.__version__, "device": device.type, "precision": precision,
+            "precision_history": precision_history,
         }
         save_prior(Prior(ema, meta), out, raw=model)
         torch.save({"step": step, "optim": opt.state_dict(), "rng": torch.get_rng_state(),
@@ -522,16 +554,20 @@ def train(cfg: TrainConfig, log=print) -> Path:
             x = augment(train_x[idx], g)
             if not full:
                 x, coords = random_patches(x, cfg.patch, g)
+        x = x.to(device)
+        coords = None if coords is None else coords.to(device)
         warm = min(1.0, (step + 1) / 100)
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * warm
-        if full and cfg.objective == "edm":
-            # whole images also learn the layout, decided at high noise: a broader noise distribution
-            loss = edm_loss(net, x, g, cfg.full_p_mean, cfg.full_p_std, sigma_data=model.sigma_data)
-        elif cfg.objective == "edm":
-            loss = edm_loss(net, x, g, cfg.p_mean, cfg.p_std, coords=coords, sigma_data=model.sigma_data)
-        else:
-            loss = training_loss(cfg.objective, net, x, g, coords, model.sigma_data, train_sde)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if full and cfg.objective == "edm":
+                # whole images also learn the layout, decided at high noise: a broader noise distribution
+                loss = edm_loss(net, x, g, cfg.full_p_mean, cfg.full_p_std, sigma_data=model.sigma_data)
+            elif cfg.objective == "edm":
+                loss = edm_loss(net, x, g, cfg.p_mean, cfg.p_std, coords=coords, sigma_data=model.sigma_data)
+            else:
+                loss = training_loss(cfg.objective, net, x, g, coords, model.sigma_data, train_sde)
+        loss = loss.float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

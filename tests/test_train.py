@@ -215,3 +215,57 @@ def test_resume_from_half_precision_export(tmp_path):
     ta = load_file(str(a))
     # a fresh Adam state changes the path; both must still be finite float32 continuations
     assert set(ta) == set(tc) and all(torch.isfinite(v).all() for v in tc.values())
+
+
+def test_bf16_training_steps_follow_fp32_and_are_recorded(tmp_path):
+    """--precision bf16: the forward runs under bfloat16 autocast (weights, optimiser, validation in
+    float32). Its loss and gradients must match float32's closely, it must stay deterministic and
+    resume bit-exactly, and the metadata must say which precision trained which steps."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = _tiny_denoiser()
+    x = _discs().repeat(4, 1, 1, 1)
+    grads, losses = {}, {}
+    for prec in ("fp32", "bf16"):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16"):
+            loss = edm_loss(model, x, torch.Generator().manual_seed(1))
+        loss.float().backward()
+        losses[prec] = float(loss.detach())
+        grads[prec] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.03)
+    cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cos > 0.98, cos
+
+    data = _write_pngs(tmp_path / "data")
+    common = dict(data=[data], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2), seed=3,
+                  progress=False, checkpoint_every=3, device="cpu")
+    a = train(TrainConfig(out=str(tmp_path / "a"), steps=6, precision="bf16", **common), log=lambda m: None)
+    meta = json.loads(a.with_suffix(".json").read_text())["training"]
+    assert meta["precision"] == "bf16" and meta["device"] == "cpu"
+    assert meta["precision_history"] == [[0, "bf16"]]
+    c = train(TrainConfig(out=str(tmp_path / "c"), steps=3, precision="bf16", **common), log=lambda m: None)
+    c = train(TrainConfig(out=str(tmp_path / "c"), steps=6, precision="bf16", resume=True, **common),
+              log=lambda m: None)
+    ta, tc = load_file(str(a)), load_file(str(c))
+    assert all(torch.equal(ta[k], tc[k]) for k in ta)  # deterministic, and the resume is bit-exact
+    # a float32 prior resumed in bf16 records where the precision changed
+    f = train(TrainConfig(out=str(tmp_path / "f"), steps=3, precision="fp32", **common), log=lambda m: None)
+    f = train(TrainConfig(out=str(tmp_path / "f"), steps=6, precision="bf16", resume=True, **common),
+              log=lambda m: None)
+    assert json.loads(f.with_suffix(".json").read_text())["training"]["precision_history"] == [[0, "fp32"], [3, "bf16"]]
+
+
+def test_train_device_and_precision_are_checked(tmp_path):
+    from recon.errors import ReconError
+
+    data = _write_pngs(tmp_path / "data")
+    common = dict(data=[data], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2), progress=False,
+                  steps=1, out=str(tmp_path / "x"))
+    with pytest.raises(ReconError, match="precision must be one of"):
+        train(TrainConfig(precision="fp8", **common), log=lambda m: None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ReconError, match="CUDA is not available"):
+            train(TrainConfig(device="cuda", **common), log=lambda m: None)
+    assert not (tmp_path / "x.safetensors").exists()  # refused before anything was written
