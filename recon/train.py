@@ -333,7 +333,7 @@ class TrainConfig:
     #: the CPU generator either way, so a fixed seed gives the same stream on both
     device: str = "cpu"
     #: network precision of the training steps: 'fp32'; 'bf16' (forward under bfloat16 autocast,
-    #: float32 weights, optimiser and validation; measured 2.1-2.6x faster per step on this
+    #: float32 weights, optimiser and validation; measured 2.0-2.7x faster per step on this
     #: project's AMX CPU); 'auto': bf16 where the device computes it natively
     precision: str = "fp32"
 
