@@ -27,6 +27,7 @@ from typing import Union
 import numpy as np
 
 from recon.errors import ReconError
+from recon.preprocess import CT_WINDOW
 
 __all__ = ["psnr", "ssim", "nmse", "compute_metrics", "center_crop", "body_mask", "hu_metrics"]
 
@@ -188,14 +189,22 @@ def hu_metrics(recon_hu: np.ndarray, truth_hu: np.ndarray) -> dict:
         raise ReconError(f"hu_metrics: shapes differ, {r.shape} vs {t.shape}")
     out = {"rmse_hu": float(np.sqrt(np.mean((r - t) ** 2)))}
     for name, (lo, hi) in CLINICAL_WINDOWS.items():
-        rw = np.clip((r - lo) / (hi - lo), 0, 1)
-        tw = np.clip((t - lo) / (hi - lo), 0, 1)
-        mse = float(np.mean((rw - tw) ** 2))
-        out[f"psnr_{name}"] = float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")
+        rw, tw = _windowed(r, lo, hi), _windowed(t, lo, hi)
+        out[f"psnr_{name}"] = _psnr_unit(float(np.mean((rw - tw) ** 2)))
         planes = [(rw, tw)] if r.ndim == 2 else list(zip(rw, tw))
         out[f"ssim_{name}"] = float(np.mean([ssim(a, b, data_range=1.0) for a, b in planes]))
     out.update(_body_metrics(r, t))
     return out
+
+
+def _windowed(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """HU mapped to ``[lo, hi] -> [0, 1]`` and clipped there (float64, for the metrics)."""
+    return np.clip((hu - lo) / (hi - lo), 0, 1)
+
+
+def _psnr_unit(mse: float) -> float:
+    """PSNR in dB of a mean squared error on a [0, 1] scale (``inf`` when it is 0)."""
+    return float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf")
 
 
 #: HU above which a pixel may belong to the patient (fat is about -100, lung -900 to -500 but
@@ -203,8 +212,6 @@ def hu_metrics(recon_hu: np.ndarray, truth_hu: np.ndarray) -> dict:
 BODY_HU = -500.0
 #: the body must cover at least this fraction of a slice for body metrics to be reported
 BODY_MIN_FRACTION = 0.01
-#: the body-only metrics' window (HU): the default working window of the headline PSNR
-BODY_WINDOW = (-1000.0, 1000.0)
 
 
 def body_mask(truth_hu: np.ndarray) -> np.ndarray:
@@ -228,7 +235,8 @@ def body_mask(truth_hu: np.ndarray) -> np.ndarray:
 
 
 def _body_metrics(r: np.ndarray, t: np.ndarray) -> dict:
-    """RMSE in HU, and PSNR/SSIM on :data:`BODY_WINDOW`, inside :func:`body_mask` of the
+    """RMSE in HU, and PSNR/SSIM on the default working window (:data:`recon.preprocess.CT_WINDOW`,
+    that of the headline PSNR), inside :func:`body_mask` of the
     reference only (``rmse_hu_body``, ``psnr_body``, ``ssim_body``; the SSIM map of the whole
     slice averaged over the body); nothing when no slice holds a body."""
     from skimage.metrics import structural_similarity
@@ -238,16 +246,14 @@ def _body_metrics(r: np.ndarray, t: np.ndarray) -> dict:
     planes = [p for p in planes if p[2].mean() >= BODY_MIN_FRACTION]
     if not planes:
         return {}
-    lo, hi = BODY_WINDOW
+    lo, hi = CT_WINDOW
     se_hu, se, n, ss = 0.0, 0.0, 0, []
     for a, b, mk in planes:
-        aw, bw = np.clip((a - lo) / (hi - lo), 0, 1), np.clip((b - lo) / (hi - lo), 0, 1)
+        aw, bw = _windowed(a, lo, hi), _windowed(b, lo, hi)
         se_hu += float(np.sum((a - b)[mk] ** 2))
         se += float(np.sum((aw - bw)[mk] ** 2))
         n += int(mk.sum())
         _, smap = structural_similarity(bw, aw, data_range=1.0, full=True)
         ss.append(float(np.mean(smap[mk])))
-    mse = se / n
-    return {"rmse_hu_body": float(np.sqrt(se_hu / n)),
-            "psnr_body": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
+    return {"rmse_hu_body": float(np.sqrt(se_hu / n)), "psnr_body": _psnr_unit(se / n),
             "ssim_body": float(np.mean(ss))}
