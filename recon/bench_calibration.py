@@ -113,6 +113,8 @@ def run_calibration(task_name: str, acq, tune: list, report: list, prior_name: s
                 f"{st['seconds']:.1f} s")
     scale = fit_scale([s["error"] for s in stats["tune"]], [s["std"] for s in stats["tune"]])
     out["scale_fitted_on_tune"] = scale
+    # where the scale may be applied (recon.execute.calibration_applies): the settings it was fitted at
+    out["conditions"] = {**acq.describe(), "image_px": int(stats["tune"][0]["truth"].shape[-1]) if stats["tune"] else size}
     out["tune"] = calibration_summary(stats["tune"])
     out["report_raw"] = calibration_summary(stats["report"])
     out["report_scaled"] = calibration_summary(stats["report"], scale)

@@ -601,6 +601,59 @@ def test_samples_write_a_calibrated_std_when_the_prior_has_a_calibration(phantom
     assert json.loads((out / "run.json").read_text())["std_calibration"]["scale"] == 2.5
 
 
+def test_a_calibrated_std_is_written_only_within_the_settings_it_was_fitted_at(phantom, tmp_path, capsys):
+    """A scale fitted at 23 views and 128 px covered 97 % there but 36 % at 8 views and 512 px (README)."""
+    prior = _tiny_prior_file(tmp_path)
+    meta_path = prior.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    args = ["ct", phantom, "--views", 8, "--method", "score-fast", "--prior", prior, "--param", "n_steps=3",
+            "--samples", 2]
+    for fitted_views, applies in ((10, True), (23, False)):
+        meta["std_calibration"] = {"ct": {"score-fast": {"scale": 2.5, "fitted_on": "test",
+                                                         "conditions": {"views": fitted_views, "geometry": "parallel",
+                                                                        "photons": None}}}}
+        meta_path.write_text(json.dumps(meta))
+        out = tmp_path / f"cal{fitted_views}"
+        rc, err = _run(args + ["--out", out], capsys)
+        assert rc == 0
+        rec = json.loads((out / "run.json").read_text())["std_calibration"]
+        assert rec["applied"] is applies
+        assert (out / "std_calibrated.npy").exists() is applies
+        assert (out / "std.npy").exists()
+        if applies:
+            assert "not_applied" not in rec and "std_calibrated.npy not written" not in err
+        else:
+            assert "views is 8 here" in rec["not_applied"] and "views 23" in rec["not_applied"]
+            assert "std_calibrated.npy not written" in err
+
+
+def test_calibration_applies_compares_numbers_within_a_factor_and_the_rest_exactly():
+    from recon.execute import CALIBRATION_RANGE, calibration_applies
+
+    entry = {"scale": 3.0, "conditions": {"views": 23, "image_px": 128, "photons": None, "geometry": "parallel"}}
+    acq = {"views": 23, "photons": None, "geometry": "parallel", "window": None}
+    assert calibration_applies(entry, acq, 128) is None
+    assert calibration_applies(entry, {**acq, "views": 23 * CALIBRATION_RANGE}, 128 * CALIBRATION_RANGE) is None
+    assert "views is 8 here" in calibration_applies(entry, {**acq, "views": 8}, 128)
+    assert "image_px is 512 here" in calibration_applies(entry, acq, 512)
+    assert "image_px is 64 here" in calibration_applies(entry, acq, 64)
+    assert "photons is 100000.0 here" in calibration_applies(entry, {**acq, "photons": 1e5}, 128)
+    assert "geometry is fan here" in calibration_applies(entry, {**acq, "geometry": "fan"}, 128)
+    assert "views is not set here" in calibration_applies(entry, {**acq, "views": None}, 128)
+    assert "views is not set here" in calibration_applies(entry, {"photons": None, "geometry": "parallel"}, 128)
+    assert calibration_applies({"scale": 3.0}, {"views": 8}, 512) is None  # older metadata: no conditions
+
+
+def test_the_shipped_ct_calibration_records_where_it_was_fitted():
+    from recon.execute import calibration_applies
+    from recon.prior import load_prior
+
+    entry = load_prior("ct").meta["std_calibration"]["ct"]["score-fast"]
+    assert entry["conditions"]["views"] == 23 and entry["conditions"]["image_px"] == 128
+    assert calibration_applies(entry, {**entry["conditions"]}, 128) is None
+    assert calibration_applies(entry, {**entry["conditions"], "views": 8}, 512) is not None
+
+
 def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
     """Spinning OpenMP threads fight other processes on a shared node (README "Busy machines")."""
     import os
