@@ -631,7 +631,8 @@ def _method_options(p, multi: bool = False):
                    help=("posterior samples per case for the score methods (score, score-fast, dps): "
                          "their mean is scored; other methods run once (default 1)") if multi else
                         ("posterior samples for score methods: the mean is the reconstruction and "
-                         "std.png/std.npy their per-pixel std (default 1)"))
+                         "std.png/std.npy their per-pixel std, narrower than the error; "
+                         "std_calibrated.npy where the prior's calibration was fitted at these settings (default 1)"))
 
 
 def _run_settings(args, methods):
