@@ -96,6 +96,7 @@ def _cases(folder: str, indices):
 def run_calibration(task_name: str, acq, tune: list, report: list, prior_name: str, k: int = 8,
                     method: str = "score-fast", size: int = 128, log=print) -> dict:
     """``tune``/``report``: lists of (name, Source).  Returns the summary (tuning, report, scale)."""
+    from recon.execute import calibration_conditions
     from recon.prior import load_prior
     from recon.tasks import TASKS
 
@@ -114,7 +115,7 @@ def run_calibration(task_name: str, acq, tune: list, report: list, prior_name: s
     scale = fit_scale([s["error"] for s in stats["tune"]], [s["std"] for s in stats["tune"]])
     out["scale_fitted_on_tune"] = scale
     # where the scale may be applied (recon.execute.calibration_applies): the settings it was fitted at
-    out["conditions"] = {**acq.describe(), "image_px": int(stats["tune"][0]["truth"].shape[-1]) if stats["tune"] else size}
+    out["conditions"] = calibration_conditions(acq, stats["tune"][0]["std"])
     out["tune"] = calibration_summary(stats["tune"])
     out["report_raw"] = calibration_summary(stats["report"])
     out["report_scaled"] = calibration_summary(stats["report"], scale)

@@ -448,35 +448,50 @@ def std_calibration(prior, task: str, method: str) -> dict | None:
     return dict(entry) if entry and entry.get("scale") else None
 
 
-#: how far a numeric acquisition setting (views, acceleration, image side) may lie from the one a
-#: std calibration was fitted at (a factor either way) for the calibration to be applied
+#: the settings a std calibration tolerates within a factor (:data:`CALIBRATION_RANGE` either way);
+#: every other setting must be equal
+CALIBRATION_RANGED = ("views", "accel", "image_px")
 CALIBRATION_RANGE = 1.5
 
 
-def calibration_applies(entry: dict, acquisition: dict, image_px: int) -> str | None:
-    """``None`` when the std calibration ``entry`` may be applied to a run with ``acquisition``
-    (:meth:`recon.acquisition._Acquisition.describe`) reconstructed on an image of side
-    ``image_px``; otherwise why not.  ``entry['conditions']`` lists the settings it was fitted at
-    (``image_px`` among them): numbers must lie within :data:`CALIBRATION_RANGE` x, anything else
-    must be equal.  A scale fitted at 23 views and 128 px covered 97 % of the errors there but 36 %
-    at 8 views and 512 px (README, "Posterior uncertainty"), so it is not carried across settings.
-    Entries without conditions (written before they were recorded) apply as they are."""
+def image_side(image) -> int:
+    """The larger side, in pixels, of an image ``(..., H, W)``."""
+    return int(max(np.shape(image)[-2:]))
+
+
+def calibration_conditions(acq, image) -> dict:
+    """The settings that decide whether a std calibration carries to a run: the acquisition's
+    ``describe()`` (which lists a setting only when it is not at its default), whether the data
+    were measured, and the side of the working image (``(..., H, W)``)."""
+    return {**acq.describe(), "measured": bool(getattr(acq, "measured", None)), "image_px": image_side(image)}
+
+
+def calibration_applies(entry: dict, run: dict) -> str | None:
+    """``None`` when the std calibration ``entry`` may be applied to a run with the settings ``run``
+    (:func:`calibration_conditions`); otherwise why not.  ``entry['conditions']`` are the settings
+    it was fitted at: views, acceleration and image side must lie within
+    :data:`CALIBRATION_RANGE` x of them, every other setting must be equal, and a setting that only
+    one side lists counts as unset on the other.  A scale fitted at 23 views and 128 px covered
+    97 % of the errors there but 36 % at 8 views and 512 px (README, "Posterior uncertainty"), so
+    it is not carried across settings.  Entries without conditions (written before they were
+    recorded) apply as they are."""
     conditions = entry.get("conditions")
     if not conditions:
         return None
-    run = {**acquisition, "image_px": int(image_px)}
-    for key, fitted in conditions.items():
-        got = run.get(key)
-        number = isinstance(fitted, (int, float)) and not isinstance(fitted, bool)
-        if number and isinstance(got, (int, float)) and not isinstance(got, bool) and fitted > 0 and got > 0:
+    keys = sorted(set(conditions) | set(run), key=lambda k: (k != "measured", k))
+    for key in keys:
+        fitted, got = conditions.get(key), run.get(key)
+        if got == fitted or (fitted in (None, False) and got in (None, False)):  # False: a flag's default
+            continue
+        if key in CALIBRATION_RANGED and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                             for v in (fitted, got)):
             if max(got / fitted, fitted / got) <= CALIBRATION_RANGE:
                 continue
-        elif not number and got == fitted:
-            continue
-        fitted_at = ", ".join(f"{k} {v}" for k, v in conditions.items())
+        fitted_at = ", ".join(f"{k} {v}" for k, v in conditions.items() if v is not None)
         here = "not set" if got is None else got
-        return (f"{key} is {here} here; the std calibration (x{entry['scale']:g}) was fitted at {fitted_at} "
-                f"(numbers within {CALIBRATION_RANGE:g}x apply)")
+        return (f"{key} is {here} here, {'unset' if fitted is None else fitted} in the fit; the std "
+                f"calibration (x{entry['scale']:g}) was fitted at {fitted_at} (views, acceleration and image "
+                f"side within {CALIBRATION_RANGE:g}x apply, every other setting must match)")
     return None
 
 
@@ -545,13 +560,13 @@ def record_head(task, settings: RunSettings, input_text: str) -> dict:
             "seed": settings.seed, "device": str(settings.device), "input": input_text}
 
 
-def write_std_maps(stage, std, shown, prior, task, method: str,
-                   acquisition: dict | None = None) -> tuple[list[str], dict | None]:
+def write_std_maps(stage, std, shown, prior, task, method: str, acq=None,
+                   warnings: list | None = None) -> tuple[list[str], dict | None]:
     """``std.npy`` (the posterior std on the working scale), ``std.png`` (of ``shown``: the
     image, or one slice of a volume) and, when ``prior`` carries a measured calibration for
-    ``task``/``method`` that :func:`calibration_applies` to ``acquisition`` (the run's
-    ``acq.describe()``) at this image size, ``std_calibrated.npy``.  Returns the names written and
-    the calibration (with ``applied`` and, when not applied, ``not_applied`` saying why)."""
+    ``task``/``method`` that :func:`calibration_applies` to this run (``acq`` at the size of
+    ``std``), ``std_calibrated.npy``.  Returns the names written and the calibration (with
+    ``applied`` and, when not applied, ``not_applied`` saying why, also added to ``warnings``)."""
     from recon.io import write_npy, write_png
 
     write_npy(std, stage / "std.npy")
@@ -560,13 +575,17 @@ def write_std_maps(stage, std, shown, prior, task, method: str,
     scale = std_calibration(prior, task.name, method)
     if scale is None:
         return written, None
-    why = calibration_applies(scale, acquisition or {}, max(np.shape(std)[-2:]))
+    run = calibration_conditions(acq, std) if acq is not None else {"image_px": image_side(std)}
+    why = calibration_applies(scale, run)
     scale["applied"] = why is None
     if why is None:  # the raw std is too narrow: scaled so +-2 std covers 95 % (README)
         write_npy(std * scale["scale"], stage / "std_calibrated.npy")
         written.append("std_calibrated.npy")
     else:
         scale["not_applied"] = why
-        warn(task, f"std_calibrated.npy not written: {why}; std.npy is the spread of the samples, "
-                   "measured narrower than the error (README, \"Posterior uncertainty\")")
+        text = (f"std_calibrated.npy not written: {why}; std.npy is the spread of the samples, "
+                "measured narrower than the error (README, \"Posterior uncertainty\")")
+        warn(task, text)
+        if warnings is not None:
+            warnings.append(text)
     return written, scale

@@ -233,7 +233,7 @@ def reconstruct_measured_volume(task, acq, settings, inputs, out, log: Callable[
             written += ["coronal.png", "sagittal.png"]
         std_scale = None
         if std is not None:
-            names, std_scale = write_std_maps(stage, std, std[mid], prior, task, run.name, acq.describe())
+            names, std_scale = write_std_maps(stage, std, std[mid], prior, task, run.name, acq, warnings)
             written += names
         timings["write"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start

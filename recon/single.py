@@ -148,7 +148,7 @@ def reconstruct(task, acq, settings: RunSettings, inputs: Inputs, out, log: Call
             written.append(name)
         std_scale = None
         if std is not None:
-            names, std_scale = write_std_maps(stage, std, std, prior, task, run.name, acq.describe())
+            names, std_scale = write_std_maps(stage, std, std, prior, task, run.name, acq, warnings)
             written += names
         if metrics is not None:
             written.append("metrics.json")

@@ -390,7 +390,7 @@ def reconstruct_volume(task, acq, settings, inputs, out, log: Callable[[str], No
             written.append("sinogram.npy")
         std_scale = None
         if std is not None:
-            names, std_scale = write_std_maps(stage, std, std[n // 2], prior, task, run.name, acq.describe())
+            names, std_scale = write_std_maps(stage, std, std[n // 2], prior, task, run.name, acq, warnings)
             unit = (truth.window[1] - truth.window[0]) if truth.units == "HU" else truth.scale
             std_units = (std * unit).astype(np.float32)
             write_nifti(std_units, stage / "std.nii.gz", affine=affine)

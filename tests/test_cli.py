@@ -609,9 +609,8 @@ def test_a_calibrated_std_is_written_only_within_the_settings_it_was_fitted_at(p
     args = ["ct", phantom, "--views", 8, "--method", "score-fast", "--prior", prior, "--param", "n_steps=3",
             "--samples", 2]
     for fitted_views, applies in ((10, True), (23, False)):
-        meta["std_calibration"] = {"ct": {"score-fast": {"scale": 2.5, "fitted_on": "test",
-                                                         "conditions": {"views": fitted_views, "geometry": "parallel",
-                                                                        "photons": None}}}}
+        conditions = {"views": fitted_views, "geometry": "parallel", "photons": None, "image_px": _phantom().shape[-1]}
+        meta["std_calibration"] = {"ct": {"score-fast": {"scale": 2.5, "fitted_on": "test", "conditions": conditions}}}
         meta_path.write_text(json.dumps(meta))
         out = tmp_path / f"cal{fitted_views}"
         rc, err = _run(args + ["--out", out], capsys)
@@ -625,33 +624,76 @@ def test_a_calibrated_std_is_written_only_within_the_settings_it_was_fitted_at(p
         else:
             assert "views is 8 here" in rec["not_applied"] and "views 23" in rec["not_applied"]
             assert "std_calibrated.npy not written" in err
+            assert any("std_calibrated.npy not written" in w for w in json.loads((out / "run.json").read_text())["warnings"])
 
 
-def test_calibration_applies_compares_numbers_within_a_factor_and_the_rest_exactly():
-    from recon.execute import CALIBRATION_RANGE, calibration_applies
+def test_calibration_applies_compares_views_and_sizes_within_a_factor_and_the_rest_exactly():
+    from recon.acquisition import CTAcquisition, MRIAcquisition
+    from recon.execute import CALIBRATION_RANGE, calibration_applies, calibration_conditions
 
-    entry = {"scale": 3.0, "conditions": {"views": 23, "image_px": 128, "photons": None, "geometry": "parallel"}}
-    acq = {"views": 23, "photons": None, "geometry": "parallel", "window": None}
-    assert calibration_applies(entry, acq, 128) is None
-    assert calibration_applies(entry, {**acq, "views": 23 * CALIBRATION_RANGE}, 128 * CALIBRATION_RANGE) is None
-    assert "views is 8 here" in calibration_applies(entry, {**acq, "views": 8}, 128)
-    assert "image_px is 512 here" in calibration_applies(entry, acq, 512)
-    assert "image_px is 64 here" in calibration_applies(entry, acq, 64)
-    assert "photons is 100000.0 here" in calibration_applies(entry, {**acq, "photons": 1e5}, 128)
-    assert "geometry is fan here" in calibration_applies(entry, {**acq, "geometry": "fan"}, 128)
-    assert "views is not set here" in calibration_applies(entry, {**acq, "views": None}, 128)
-    assert "views is not set here" in calibration_applies(entry, {"photons": None, "geometry": "parallel"}, 128)
-    assert calibration_applies({"scale": 3.0}, {"views": 8}, 512) is None  # older metadata: no conditions
+    img = np.zeros((128, 128))
+    fitted = calibration_conditions(CTAcquisition(views=23), img)
+    assert fitted == {"views": 23, "limited_angle": None, "geometry": "parallel", "photons": None, "noise": None,
+                      "window": None, "fov": None, "measured": False, "image_px": 128}
+    entry = {"scale": 3.0, "conditions": fitted}
+
+    def why(acq, side=128):
+        return calibration_applies(entry, calibration_conditions(acq, np.zeros((int(side), int(side)))))
+
+    assert why(CTAcquisition(views=23)) is None
+    assert why(CTAcquisition(views=34), 128 * CALIBRATION_RANGE) is None  # within 1.5x
+    assert why(CTAcquisition(views=16), 100) is None
+    assert "views is 8 here" in why(CTAcquisition(views=8))
+    assert "image_px is 512 here" in why(CTAcquisition(views=23), 512)
+    assert "image_px is 64 here" in why(CTAcquisition(views=23), 64)
+    # anything but views / acceleration / size must match exactly, also when close
+    assert "photons is 100000.0 here" in why(CTAcquisition(views=23, photons=1e5))
+    assert "noise is 0.01 here" in why(CTAcquisition(views=23, noise=0.01))
+    assert "limited_angle is 150" in why(CTAcquisition(views=23, limited_angle=150))
+    assert "geometry is fan here" in why(CTAcquisition(views=23, geometry="fan"))
+    # settings that describe() lists only away from their defaults count as unset in the fit
+    assert "simulate_finer is 2 here, unset in the fit" in why(CTAcquisition(views=23, simulate_finer=2))
+    assert "units is hu here" in why(CTAcquisition(views=23, units="hu"))
+    # measured data are not simulated data; a measured run without --views has views unset
+    measured = {**fitted, "measured": True}
+    assert "measured is True here" in calibration_applies(entry, measured)
+    assert "views is not set here" in calibration_applies(entry, {**fitted, "views": None})
+    # a fitted value of 0 matches 0
+    zero = {"scale": 2.0, "conditions": {**fitted, "noise": 0.0}}
+    assert calibration_applies(zero, {**fitted, "noise": 0.0}) is None
+    # another task's settings never match
+    assert calibration_applies(entry, calibration_conditions(MRIAcquisition(mask="equispaced", accel=4), img))
+    assert calibration_applies({"scale": 3.0}, {"views": 8, "image_px": 512}) is None  # older metadata: no conditions
+
+
+def test_bench_calibration_records_the_settings_of_its_fit(tmp_path):
+    from recon.acquisition import CTAcquisition
+    from recon.bench_calibration import _cases, run_calibration
+    from recon.execute import calibration_applies, calibration_conditions
+
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "a.npy", _phantom())
+    np.save(data / "b.npy", np.flipud(_phantom()).copy())
+    cases = _cases(str(data), [0, 1])
+    acq = CTAcquisition(views=8)
+    res = run_calibration("ct", acq, cases[:1], cases[1:], str(_tiny_prior_file(tmp_path)), k=2, size=16,
+                          log=lambda m: None)
+    assert res["conditions"] == calibration_conditions(acq, np.zeros((16, 16)))
+    entry = {"scale": res["scale_fitted_on_tune"], "conditions": res["conditions"]}
+    assert calibration_applies(entry, calibration_conditions(acq, np.zeros((16, 16)))) is None
+    assert calibration_applies(entry, calibration_conditions(CTAcquisition(views=23), np.zeros((16, 16))))
 
 
 def test_the_shipped_ct_calibration_records_where_it_was_fitted():
-    from recon.execute import calibration_applies
+    from recon.acquisition import CTAcquisition
+    from recon.execute import calibration_applies, calibration_conditions
     from recon.prior import load_prior
 
     entry = load_prior("ct").meta["std_calibration"]["ct"]["score-fast"]
     assert entry["conditions"]["views"] == 23 and entry["conditions"]["image_px"] == 128
-    assert calibration_applies(entry, {**entry["conditions"]}, 128) is None
-    assert calibration_applies(entry, {**entry["conditions"], "views": 8}, 512) is not None
+    assert calibration_applies(entry, calibration_conditions(CTAcquisition(views=23), np.zeros((128, 128)))) is None
+    assert calibration_applies(entry, calibration_conditions(CTAcquisition(views=8), np.zeros((512, 512))))
 
 
 def test_openmp_threads_wait_passively_unless_the_user_says_otherwise():
