@@ -133,8 +133,13 @@ def add_train(sub):
     p = sub.add_parser("train", help="train a score prior on folders of DICOM / NIfTI / PNG / JPEG images",
                        description="Train an unconditional score prior (EDM-preconditioned denoiser) on patches. "
                                    "Runs under torchrun for several processes or GPUs (only rank 0 writes).")
-    p.add_argument("--data", action="append", required=True, help="training folder (repeatable)")
+    p.add_argument("--data", action="append", required=True,
+                   help="training folder (repeatable), or one training pack (.npz, see --pack)")
     p.add_argument("--modality", required=True, choices=["ct", "mri"])
+    p.add_argument("--pack", action="store_true",
+                   help="do not train: load the training set (folders resized to --size, with --window and "
+                        "--full-range) into one compressed file, --out FILE.npz; --data FILE.npz then "
+                        "trains on it where the folders are not, e.g. on a lent GPU (README)")
     p.add_argument("--size", type=_size, default=128, help="training image size (default 128)")
     p.add_argument("--patch", type=_size, default=64, help="patch size (default 64; = size for whole images)")
     p.add_argument("--steps", type=_positive_int, default=2000)
@@ -189,6 +194,8 @@ def _numbers(text: str, option: str, kind=float, count: int | None = None) -> tu
 def run_train(args):
     from recon.train import TrainConfig, train
 
+    if args.pack:
+        return _write_train_pack(args)
     full_p_mean, full_p_std = _numbers(args.full_noise, "--full-noise", count=2)
     p_mean, p_std = _numbers(args.noise, "--noise", count=2)
     if not (p_std > 0 and full_p_std > 0):
@@ -204,6 +211,21 @@ def run_train(args):
                       precision=args.precision)
     out = train(cfg, log=lambda m: log(args, m))
     log(args, f"wrote {out}")
+
+
+def _write_train_pack(args):
+    from recon.train import load_image_folder, pack_settings, write_pack
+
+    if args.native:
+        raise ReconError("--pack stores images resized to --size; --native trains on the folders")
+    window = _numbers(args.window, "--window", count=2)
+    images, patients = load_image_folder(args.data, args.modality, args.size, window, args.max_images,
+                                         args.seed, full_range=args.full_range)
+    settings = pack_settings(args.modality, args.size, window, args.full_range)
+    out = write_pack(args.out, images, patients, {**settings, "data": [str(d) for d in args.data],
+                                                         "max_images": args.max_images, "seed": args.seed})
+    log(args, f"wrote {out}: {len(images)} images of {len(set(patients))} patients at {args.size}x{args.size}, "
+              f"{out.stat().st_size / 2**20:.1f} MiB")
 
 
 # ---------------------------------------------------------------------------

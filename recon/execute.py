@@ -560,8 +560,8 @@ def record_head(task, settings: RunSettings, input_text: str) -> dict:
             "seed": settings.seed, "device": str(settings.device), "input": input_text}
 
 
-def write_std_maps(stage, std, shown, prior, task, method: str, acq=None,
-                   warnings: list | None = None) -> tuple[list[str], dict | None]:
+def write_std_maps(stage, std, shown, prior, task, method: str, acq,
+                   warnings: list) -> tuple[list[str], dict | None]:
     """``std.npy`` (the posterior std on the working scale), ``std.png`` (of ``shown``: the
     image, or one slice of a volume) and, when ``prior`` carries a measured calibration for
     ``task``/``method`` that :func:`calibration_applies` to this run (``acq`` at the size of
@@ -575,7 +575,7 @@ def write_std_maps(stage, std, shown, prior, task, method: str, acq=None,
     scale = std_calibration(prior, task.name, method)
     if scale is None:
         return written, None
-    run = calibration_conditions(acq, std) if acq is not None else {"image_px": image_side(std)}
+    run = calibration_conditions(acq, std)
     why = calibration_applies(scale, run)
     scale["applied"] = why is None
     if why is None:  # the raw std is too narrow: scaled so +-2 std covers 95 % (README)
@@ -586,6 +586,5 @@ def write_std_maps(stage, std, shown, prior, task, method: str, acq=None,
         text = (f"std_calibrated.npy not written: {why}; std.npy is the spread of the samples, "
                 "measured narrower than the error (README, \"Posterior uncertainty\")")
         warn(task, text)
-        if warnings is not None:
-            warnings.append(text)
+        warnings.append(text)
     return written, scale

@@ -186,13 +186,103 @@ def _to_unit(img: np.ndarray, modality: str, window, full_range: bool) -> np.nda
     return normalise(img, modality, window)
 
 
+#: format tag of a packed training set (:func:`write_pack`)
+PACK_FORMAT = "recon-train-pack-v1"
+
+
+def write_pack(path, images: torch.Tensor, patients: list, settings: dict) -> Path:
+    """Write a loaded training set (``images`` (N, 1, S, S) on the working scale, patient ids)
+    to ``path`` (.npz, compressed), so training can run where the source folders are not:
+    a lent GPU machine takes 64 MiB (README, "Training on a lent GPU").  Intensities are
+    stored as uint16 over [0, max] (step max / 65535, about 1.5e-5 on the [0, 1] scale, far
+    below the smallest training noise level 0.002); ``settings`` (modality, size, window,
+    full_range, data) are checked when the pack is read."""
+    from recon.io._util import atomic_output
+
+    x = images.detach().cpu().numpy().astype(np.float64)
+    top = float(x.max()) if x.size else 0.0
+    scale = top if top > 0 else 1.0
+    q = np.round(np.clip(x / scale, 0.0, 1.0) * 65535).astype(np.uint16)
+    info = json.dumps({"format": PACK_FORMAT, "scale": scale, **settings})
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ReconError(f"a training pack is written as .npz, got {path.name!r}: name it {path.stem}.npz")
+    with atomic_output(path, ".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, images=q, patients=np.array([str(p) for p in patients], dtype=str),
+                                info=np.array(info))
+    return path
+
+
+def read_pack(path, settings: dict) -> tuple[torch.Tensor, list]:
+    """The training set of a pack written by :func:`write_pack`, after checking that it was
+    made with ``settings`` (modality, size, window, full_range); one clear error otherwise."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            info = json.loads(str(z["info"]))
+            q, patients = z["images"], [str(p) for p in z["patients"]]
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise ReconError(f"{path}: not a readable training pack ({exc}); write one with "
+                         "`recon train --data DIR ... --pack --out FILE.npz`") from None
+    if info.get("format") != PACK_FORMAT:
+        raise ReconError(f"{path}: format {info.get('format')!r}, not {PACK_FORMAT!r}; write it again "
+                         "with `recon train --pack`")
+    for key, want in settings.items():
+        have = info.get(key)
+        if (list(have) if isinstance(have, (list, tuple)) else have) != (
+                list(want) if isinstance(want, (list, tuple)) else want):
+            raise ReconError(f"{path} was packed with {key} {have}, this training asks for {want}; "
+                             f"pack the folders again with these settings (`recon train --pack`)")
+    if q.ndim != 4 or q.shape[1] != 1 or q.dtype != np.uint16 or len(patients) != len(q) or not len(q):
+        raise ReconError(f"{path}: images {q.dtype}{list(q.shape)} with {len(patients)} patient ids; "
+                         "expected uint16 (N, 1, S, S) and N ids; write the pack again")
+    images = torch.from_numpy(q.astype(np.float32) / np.float32(65535) * np.float32(info["scale"]))
+    return images, patients
+
+
+def pack_sources(dirs) -> list[str]:
+    """The folders a training run's data came from: ``dirs``, or those a pack was made from."""
+    pack = _pack_path(dirs)
+    if pack is None:
+        return [str(d) for d in dirs]
+    with np.load(pack, allow_pickle=False) as z:
+        return [str(d) for d in json.loads(str(z["info"])).get("data", [])] + [f"packed in {pack.name}"]
+
+
+def pack_settings(modality: str, size: int, window, full_range: bool) -> dict:
+    """What a packed training set must match (:func:`read_pack`)."""
+    return {"modality": modality, "size": int(size),
+            "window": [float(w) for w in window] if modality == "ct" else None,
+            "full_range": bool(full_range and modality == "ct")}
+
+
+def _pack_path(dirs) -> Path | None:
+    """The pack file when ``dirs`` names one (a single .npz), else None; a pack mixed with
+    folders is an error."""
+    packs = [Path(d) for d in dirs if str(d).lower().endswith(".npz")]
+    if not packs:
+        return None
+    if len(packs) != len(dirs):
+        raise ReconError("--data: give either one training pack (.npz) or folders, not both")
+    if not packs[0].is_file():
+        raise ReconError(f"training pack not found: {packs[0]}")
+    return packs[0]
+
+
 def load_image_folder(dirs, modality: str, size: int, window=CT_WINDOW, max_images=None, seed=0,
                       full_range: bool = False):
-    """Load every readable image under ``dirs`` at ``size`` x ``size``.
+    """Load every readable image under ``dirs`` at ``size`` x ``size``, or the training set of
+    a pack (``dirs`` = one .npz written by :func:`write_pack` with the same settings).
 
     Returns (images (N, 1, S, S) float32 tensor, patient ids list).  Patient ids
     come from DICOM PatientID; files without one are their own patient.
     """
+    pack = _pack_path(dirs)
+    if pack is not None:
+        if max_images:
+            raise ReconError("--max-images does not apply to a training pack; pack the folders with it")
+        return read_pack(pack, pack_settings(modality, size, window, full_range))
     images, patients = [], []
     for img, pid, _, _ in _training_images(dirs, modality, max_images, seed):
         images.append(_to_unit(square_resize(img, size), modality, window, full_range))
@@ -206,6 +296,9 @@ def load_native_images(dirs, modality: str, window=CT_WINDOW, max_images=None, s
     """Every readable image under ``dirs`` at its own pixel grid: nothing is resized or cropped.
     CT keeps its full range (clipped below the window only).  Returns (list of (H, W) float32
     tensors, patient ids, pixel sizes in mm (None where unknown))."""
+    if _pack_path(dirs) is not None:
+        raise ReconError("--native trains on each image at its own pixel grid; a training pack holds "
+                         "images resized to --size: give the folders")
     images, patients, pixel_mm = [], [], []
     for img, pid, mm, _ in _training_images(dirs, modality, max_images, seed, min_side=min_side):
         images.append(torch.from_numpy(np.ascontiguousarray(_to_unit(img, modality, window, True))))
@@ -439,6 +532,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
     history, step, elapsed_before, val_history = [], 0, 0.0, []
     precision_history = []  # [first step, precision] per change
+    device_history = []  # [first step, device type] per change
     arch = dict(channels=1, base=cfg.base, mults=list(cfg.mults), n_res=cfg.n_res,
                 attn_levels=list(cfg.attn_levels), coords=not cfg.native, sigma_data=0.5)
     if cfg.modality != "ct":
@@ -481,6 +575,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         val_history = list(tr.get("val_history", []))
         # priors trained before precision was recorded ran in float32
         precision_history = [list(e) for e in tr.get("precision_history", [[0, "fp32"]])]
+        device_history = [list(e) for e in tr.get("device_history", [[0, tr.get("device", "cpu")]])]
         for key, value in prev.items():  # keep what training does not own (name, tuned sampler
             if key != "ema_dtype":       # defaults, out-of-distribution reference, pixel size, ...);
                 meta.setdefault(key, value)  # training writes float32 EMA weights
@@ -501,6 +596,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
     meta.setdefault("name", out.stem)
     if not precision_history or precision_history[-1][1] != precision:
         precision_history.append([step, precision])
+    if not device_history or device_history[-1][1] != device.type:  # [first step, device] per change:
+        device_history.append([step, device.type])  # GPU steps are told apart from CPU-hours
+    sources = pack_sources(cfg.data)
     train_sde = sde_from_config(meta["sde"])
     meta["objective"] = cfg.objective
     net = model
@@ -519,7 +617,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
         val = float(np.mean([b[1] for b in bands])) if bands else float("nan")
         val_history.append([step, round(val, 5)])
         meta["training"] = {
-            "data": [str(d) for d in cfg.data], "steps": step, "batch": cfg.batch * world, "patch": cfg.patch,
+            "data": sources, "steps": step, "batch": cfg.batch * world, "patch": cfg.patch,
             "lr": cfg.lr, "ema": cfg.ema, "seed": cfg.seed,
             "full_image_every": 0 if cfg.native else cfg.full_every,
             "full_image_noise": [cfg.full_p_mean, cfg.full_p_std], "patch_noise": [cfg.p_mean, cfg.p_std],
@@ -529,7 +627,7 @@ def train(cfg: TrainConfig, log=print) -> Path:
             "final_val_loss": val, "val_loss_by_sigma": [[round(a, 5), round(b, 5)] for a, b in bands],
             "val_history": val_history, "history": history, "world_size": world,
             "torch": torch.__version__, "device": device.type, "precision": precision,
-            "precision_history": precision_history,
+            "precision_history": precision_history, "device_history": device_history,
         }
         save_prior(Prior(ema, meta), out, raw=model)
         torch.save({"step": step, "optim": opt.state_dict(), "rng": torch.get_rng_state(),

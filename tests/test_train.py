@@ -269,3 +269,79 @@ def test_train_device_and_precision_are_checked(tmp_path):
         with pytest.raises(ReconError, match="CUDA is not available"):
             train(TrainConfig(device="cuda", **common), log=lambda m: None)
     assert not (tmp_path / "x.safetensors").exists()  # refused before anything was written
+
+
+def test_training_pack_round_trip_and_checks(tmp_path):
+    """recon train --pack stores the loaded training set (uint16, compressed); --data PACK trains on
+    the same images (within 1e-4), the same patients and split; a pack made with other settings,
+    a corrupt one, or one mixed with folders is refused by name."""
+    from recon.cli import main
+    from recon.errors import ReconError
+    from recon.train import load_image_folder, load_native_images, pack_sources, read_pack, write_pack
+
+    data = _write_pngs(tmp_path / "data")
+    pack = tmp_path / "p.npz"
+    assert main(["train", "--data", str(data), "--modality", "mri", "--size", "16", "--pack",
+                 "--out", str(pack), "--quiet"]) == 0
+    a, pa = load_image_folder([data], "mri", 16)
+    b, pb = load_image_folder([pack], "mri", 16)
+    assert pa == pb and b.shape == a.shape and float((a - b).abs().max()) < 1e-4
+    assert split_by_patient(pa) == split_by_patient(pb)
+    assert pack_sources([pack]) == [str(data), "packed in p.npz"]
+    with pytest.raises(ReconError, match="packed with size 16, this training asks for 24"):
+        load_image_folder([pack], "mri", 24)
+    with pytest.raises(ReconError, match="packed with modality mri, this training asks for ct"):
+        load_image_folder([pack], "ct", 16)
+    with pytest.raises(ReconError, match="one training pack .* or folders, not both"):
+        load_image_folder([pack, data], "mri", 16)
+    with pytest.raises(ReconError, match="--native .* give the folders"):
+        load_native_images([pack], "mri")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ReconError, match="not a readable training pack"):
+        read_pack(bad, {})
+    with pytest.raises(ReconError, match="written as .npz"):
+        write_pack(tmp_path / "p.bin", a, pa, {})
+    # a CT pack keeps values above 1 (full range) to the same precision
+    x = torch.rand(3, 1, 8, 8) * 1.7
+    write_pack(tmp_path / "ct.npz", x, ["a", "b", "a"], {"modality": "ct", "full_range": True})
+    y, py = read_pack(tmp_path / "ct.npz", {"full_range": True})
+    assert py == ["a", "b", "a"] and float((x - y).abs().max()) < 1.7 / 65535
+    # training on the pack runs, and records the folders it came from
+    out = train(TrainConfig(data=[pack], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2),
+                            steps=2, progress=False, out=str(tmp_path / "t")), log=lambda m: None)
+    tr = json.loads(out.with_suffix(".json").read_text())["training"]
+    assert tr["data"] == [str(data), "packed in p.npz"] and tr["device_history"] == [[0, "cpu"]]
+
+
+@pytest.mark.skipif(not Path("/bin/bash").exists(), reason="needs bash")
+def test_gpu_burst_script_cycle_on_cpu(tmp_path):
+    """.ci/gpu-burst: prepare (pack + state), device (here BURST_DEVICE=cpu), collect: the state
+    comes back in parts, continues the local one, and is installed with the old one kept; a
+    collect after the local training went on is refused."""
+    data = _write_pngs(tmp_path / "data")
+    tdir = tmp_path / "train"
+    train(TrainConfig(data=[data], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2), steps=3,
+                      progress=False, checkpoint_every=3, out=str(tdir / "tiny")), log=lambda m: None)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "RECON_TRAIN_DIR": str(tdir), "BURST_DIR": str(tmp_path / "burst"), "OUT": str(out),
+           "BURST_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+
+    def burst(*args):
+        return subprocess.run(["bash", str(REPO / ".ci" / "gpu-burst"), *args], env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    r = burst("prepare", "tiny")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "burst" / "tiny-pack.npz").exists()
+    r = burst("device", "tiny", "0.01")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert (out / "tiny.safetensors.part00").exists() and (out / "tiny.optim.pt.part00").exists()
+    r = burst("collect", "tiny", str(out))
+    assert r.returncode == 0, r.stderr + r.stdout
+    meta = json.loads((tdir / "tiny.json").read_text())["training"]
+    assert meta["steps"] > 3 and meta["batch"] == 32 and (tdir / "tiny.before-burst.json").exists()
+    assert "resumed from" in (out / "tiny-burst.log").read_text()
+    r = burst("collect", "tiny", str(out))  # the local state moved on since prepare
+    assert r.returncode != 0 and "trained on after prepare" in r.stderr
