@@ -218,6 +218,8 @@ def _write_train_pack(args):
 
     if args.native:
         raise ReconError("--pack stores images resized to --size; --native trains on the folders")
+    if not str(args.out).lower().endswith(".npz"):
+        raise ReconError(f"--pack writes a .npz file, got --out {args.out}: name it {Path(args.out).stem}.npz")
     window = _numbers(args.window, "--window", count=2)
     images, patients = load_image_folder(args.data, args.modality, args.size, window, args.max_images,
                                          args.seed, full_range=args.full_range)

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,7 +224,7 @@ def read_pack(path, settings: dict) -> tuple[torch.Tensor, list]:
         with np.load(path, allow_pickle=False) as z:
             info = json.loads(str(z["info"]))
             q, patients = z["images"], [str(p) for p in z["patients"]]
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise ReconError(f"{path}: not a readable training pack ({exc}); write one with "
                          "`recon train --data DIR ... --pack --out FILE.npz`") from None
     if info.get("format") != PACK_FORMAT:
@@ -237,6 +239,9 @@ def read_pack(path, settings: dict) -> tuple[torch.Tensor, list]:
     if q.ndim != 4 or q.shape[1] != 1 or q.dtype != np.uint16 or len(patients) != len(q) or not len(q):
         raise ReconError(f"{path}: images {q.dtype}{list(q.shape)} with {len(patients)} patient ids; "
                          "expected uint16 (N, 1, S, S) and N ids; write the pack again")
+    if "size" in settings and q.shape[-2:] != (settings["size"],) * 2:
+        raise ReconError(f"{path}: images of {q.shape[-2]}x{q.shape[-1]}, not the {settings['size']}x"
+                         f"{settings['size']} its settings say; write the pack again")
     images = torch.from_numpy(q.astype(np.float32) / np.float32(65535) * np.float32(info["scale"]))
     return images, patients
 

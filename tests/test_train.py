@@ -300,6 +300,11 @@ def test_training_pack_round_trip_and_checks(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ReconError, match="not a readable training pack"):
         read_pack(bad, {})
+    bad.write_bytes(pack.read_bytes()[:-200])  # truncated
+    with pytest.raises(ReconError, match="not a readable training pack"):
+        read_pack(bad, {})
+    assert main(["train", "--data", str(data), "--modality", "mri", "--pack", "--out", str(tmp_path / "p.bin"),
+                 "--quiet"]) != 0 and not (tmp_path / "p.bin").exists()
     with pytest.raises(ReconError, match="written as .npz"):
         write_pack(tmp_path / "p.bin", a, pa, {})
     # a CT pack keeps values above 1 (full range) to the same precision
@@ -307,6 +312,11 @@ def test_training_pack_round_trip_and_checks(tmp_path):
     write_pack(tmp_path / "ct.npz", x, ["a", "b", "a"], {"modality": "ct", "full_range": True})
     y, py = read_pack(tmp_path / "ct.npz", {"full_range": True})
     assert py == ["a", "b", "a"] and float((x - y).abs().max()) < 1.7 / 65535
+    with pytest.raises(ReconError, match="packed with full_range True, this training asks for False"):
+        read_pack(tmp_path / "ct.npz", {"full_range": False})
+    write_pack(tmp_path / "w.npz", x, ["a", "b", "a"], {"window": [-1000.0, 1000.0]})
+    with pytest.raises(ReconError, match=r"packed with window \[-1000.0, 1000.0\].*asks for \[-160.0, 240.0\]"):
+        read_pack(tmp_path / "w.npz", {"window": [-160.0, 240.0]})
     # training on the pack runs, and records the folders it came from
     out = train(TrainConfig(data=[pack], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2),
                             steps=2, progress=False, out=str(tmp_path / "t")), log=lambda m: None)
@@ -319,10 +329,13 @@ def test_gpu_burst_script_cycle_on_cpu(tmp_path):
     """.ci/gpu-burst: prepare (pack + state), device (here BURST_DEVICE=cpu), collect: the state
     comes back in parts, continues the local one, and is installed with the old one kept; a
     collect after the local training went on is refused."""
-    data = _write_pngs(tmp_path / "data")
+    data = _write_pngs(tmp_path / "data", n=10)
     tdir = tmp_path / "train"
-    train(TrainConfig(data=[data], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2), steps=3,
-                      progress=False, checkpoint_every=3, out=str(tdir / "tiny")), log=lambda m: None)
+    recipe = dict(data=[data], modality="mri", size=16, patch=8, batch=4, base=8, mults=(1, 2), lr=3e-4, seed=5,
+                  full_every=2, full_p_mean=0.5, full_p_std=1.5, p_mean=-1.0, p_std=1.1)
+    train(TrainConfig(steps=3, progress=False, checkpoint_every=3, out=str(tdir / "tiny"), **recipe),
+          log=lambda m: None)
+    before = json.loads((tdir / "tiny.json").read_text())["training"]
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "RECON_TRAIN_DIR": str(tdir), "BURST_DIR": str(tmp_path / "burst"), "OUT": str(out),
@@ -341,7 +354,16 @@ def test_gpu_burst_script_cycle_on_cpu(tmp_path):
     r = burst("collect", "tiny", str(out))
     assert r.returncode == 0, r.stderr + r.stdout
     meta = json.loads((tdir / "tiny.json").read_text())["training"]
-    assert meta["steps"] > 3 and meta["batch"] == 32 and (tdir / "tiny.before-burst.json").exists()
+    assert meta["steps"] > 3 and meta["batch"] == 32 and (tdir / "tiny.before-burst-3.json").exists()
+    for key in ("lr", "seed", "full_image_every", "full_image_noise", "patch_noise", "patch", "ema",
+                "train_images", "val_images"):  # the same recipe and data
+        assert meta[key] == before[key], key
     assert "resumed from" in (out / "tiny-burst.log").read_text()
     r = burst("collect", "tiny", str(out))  # the local state moved on since prepare
     assert r.returncode != 0 and "trained on after prepare" in r.stderr
+    # a recipe the command line cannot give is refused before anything travels
+    t = json.loads((tdir / "tiny.json").read_text())
+    t["training"]["ema"] = 0.99
+    (tdir / "tiny.json").write_text(json.dumps(t))
+    r = burst("prepare", "tiny")
+    assert r.returncode != 0 and "'ema': 0.99" in r.stderr and "usage" not in r.stderr
