@@ -493,6 +493,20 @@ def _pixel_summary(pixel_mm, sides=()) -> dict:
                               f"{len(pixel_mm)} training images that state it, trained at native pixels")}
 
 
+def _recipe(cfg: TrainConfig, world: int) -> dict:
+    """The settings of a training run as its metadata records them (``training.*``)."""
+    return {"batch": cfg.batch * world, "patch": cfg.patch, "lr": cfg.lr, "ema": cfg.ema,
+            "full_image_every": 0 if cfg.native else cfg.full_every,
+            "full_image_noise": [cfg.full_p_mean, cfg.full_p_std], "patch_noise": [cfg.p_mean, cfg.p_std],
+            "native": cfg.native}
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return list(a) != list(b)
+    return a != b
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     from tqdm import tqdm
 
@@ -537,6 +551,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
 
     history, step, elapsed_before, val_history = [], 0, 0.0, []
     precision_history = []  # [first step, precision] per change
+    recipe_history = []  # {"step": first step, "changed": {key: [before, after]}} per resume that changed it
+    recipe = _recipe(cfg, world)
     device_history = []  # [first step, device type] per change
     arch = dict(channels=1, base=cfg.base, mults=list(cfg.mults), n_res=cfg.n_res,
                 attn_levels=list(cfg.attn_levels), coords=not cfg.native, sigma_data=0.5)
@@ -581,6 +597,14 @@ def train(cfg: TrainConfig, log=print) -> Path:
         # priors trained before precision was recorded ran in float32
         precision_history = [list(e) for e in tr.get("precision_history", [[0, "fp32"]])]
         device_history = [list(e) for e in tr.get("device_history", [[0, tr.get("device", "cpu")]])]
+        recipe_history = list(tr.get("recipe_history", []))
+        changed = {k: [tr[k], v] for k, v in recipe.items() if k in tr and _differs(tr[k], v)}
+        if changed:  # a resume with other settings is allowed, but never silent: said and recorded
+            recipe_history.append({"step": step, "changed": changed})
+            if rank == 0:
+                log(f"WARNING: --resume with settings other than {out.name} was trained with: " + ", ".join(
+                    f"{k} {a} -> {b}" for k, (a, b) in changed.items()) + "; recorded in training.recipe_history "
+                    "(give the recorded values to continue the same recipe)")
         for key, value in prev.items():  # keep what training does not own (name, tuned sampler
             if key != "ema_dtype":       # defaults, out-of-distribution reference, pixel size, ...);
                 meta.setdefault(key, value)  # training writes float32 EMA weights
@@ -593,6 +617,9 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 opt.load_state_dict(st["optim"])
                 torch.set_rng_state(st["rng"])
                 data_rng = st.get("data_rng")
+            elif rank == 0:
+                log(f"WARNING: {optim_path.name} is of step {st.get('step')}, the weights of step {step}: "
+                    "Adam starts afresh and the data stream restarts from the seed")
         if rank == 0:
             log(f"resumed from {out} at step {step}")
             if step >= cfg.steps:  # --steps is a total: easy to forget on a resumed prior
@@ -622,17 +649,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
         val = float(np.mean([b[1] for b in bands])) if bands else float("nan")
         val_history.append([step, round(val, 5)])
         meta["training"] = {
-            "data": sources, "steps": step, "batch": cfg.batch * world, "patch": cfg.patch,
-            "lr": cfg.lr, "ema": cfg.ema, "seed": cfg.seed,
-            "full_image_every": 0 if cfg.native else cfg.full_every,
-            "full_image_noise": [cfg.full_p_mean, cfg.full_p_std], "patch_noise": [cfg.p_mean, cfg.p_std],
-            "native": cfg.native, "seconds": round(elapsed_before + time.time() - t0, 1),
+            "data": sources, "steps": step, **recipe, "seed": cfg.seed,
+            "seconds": round(elapsed_before + time.time() - t0, 1),
             "train_images": len(tr_idx), "val_images": len(va_idx),
             "final_train_loss": float(np.mean([h[1] for h in history[-10:]])) if history else None,
             "final_val_loss": val, "val_loss_by_sigma": [[round(a, 5), round(b, 5)] for a, b in bands],
             "val_history": val_history, "history": history, "world_size": world,
             "torch": torch.__version__, "device": device.type, "precision": precision,
             "precision_history": precision_history, "device_history": device_history,
+            "recipe_history": recipe_history,
         }
         save_prior(Prior(ema, meta), out, raw=model)
         torch.save({"step": step, "optim": opt.state_dict(), "rng": torch.get_rng_state(),

@@ -367,3 +367,29 @@ def test_gpu_burst_script_cycle_on_cpu(tmp_path):
     (tdir / "tiny.json").write_text(json.dumps(t))
     r = burst("prepare", "tiny")
     assert r.returncode != 0 and "'ema': 0.99" in r.stderr and "usage" not in r.stderr
+
+
+def test_resume_with_other_settings_is_said_and_recorded(tmp_path):
+    """--resume with a recipe other than the recorded one trains on (a deliberate change is allowed)
+    but says so and records it in training.recipe_history; the same recipe records nothing."""
+    data = _write_pngs(tmp_path / "data")
+    common = dict(data=[data], modality="mri", size=16, patch=8, base=8, mults=(1, 2), progress=False,
+                  out=str(tmp_path / "r"))
+    train(TrainConfig(steps=2, batch=4, full_every=1, **common), log=lambda m: None)
+    said = []
+    train(TrainConfig(steps=4, batch=4, full_every=1, resume=True, **common), log=said.append)
+    tr = json.loads((tmp_path / "r.json").read_text())["training"]
+    assert tr["recipe_history"] == [] and not any("WARNING" in m for m in said)
+    said = []
+    train(TrainConfig(steps=6, batch=6, full_every=4, resume=True, **common), log=said.append)
+    tr = json.loads((tmp_path / "r.json").read_text())["training"]
+    assert tr["recipe_history"] == [{"step": 4, "changed": {"batch": [4, 6], "full_image_every": [1, 4]}}]
+    assert any("batch 4 -> 6" in m and "full_image_every 1 -> 4" in m for m in said)
+    assert tr["steps"] == 6 and tr["batch"] == 6
+    # a torn optimiser state (another step than the weights) is said, not skipped silently
+    st = torch.load(tmp_path / "r.optim.pt", weights_only=True)
+    st["step"] = 5
+    torch.save(st, tmp_path / "r.optim.pt")
+    said = []
+    train(TrainConfig(steps=7, batch=6, full_every=4, resume=True, **common), log=said.append)
+    assert any("r.optim.pt is of step 5, the weights of step 6" in m for m in said)
