@@ -214,12 +214,11 @@ def run_train(args):
 
 
 def _write_train_pack(args):
-    from recon.train import load_image_folder, pack_settings, write_pack
+    from recon.train import load_image_folder, pack_file, pack_settings, write_pack
 
     if args.native:
         raise ReconError("--pack stores images resized to --size; --native trains on the folders")
-    if not str(args.out).lower().endswith(".npz"):
-        raise ReconError(f"--pack writes a .npz file, got --out {args.out}: name it {Path(args.out).stem}.npz")
+    pack_file(args.out)  # before the folders are read
     window = _numbers(args.window, "--window", count=2)
     images, patients = load_image_folder(args.data, args.modality, args.size, window, args.max_images,
                                          args.seed, full_range=args.full_range)

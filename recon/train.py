@@ -192,6 +192,22 @@ def _to_unit(img: np.ndarray, modality: str, window, full_range: bool) -> np.nda
 PACK_FORMAT = "recon-train-pack-v1"
 
 
+def _differs(a, b) -> bool:
+    """Settings differ (a list and a tuple of the same values do not: JSON has no tuples)."""
+    def plain(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return plain(a) != plain(b)
+
+
+def pack_file(path) -> Path:
+    """``path`` as a training pack's name (.npz), or one clear error."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise ReconError(f"a training pack is written as .npz, got {path.name!r}: name it {path.stem}.npz")
+    return path
+
+
 def write_pack(path, images: torch.Tensor, patients: list, settings: dict) -> Path:
     """Write a loaded training set (``images`` (N, 1, S, S) on the working scale, patient ids)
     to ``path`` (.npz, compressed), so training can run where the source folders are not:
@@ -206,9 +222,7 @@ def write_pack(path, images: torch.Tensor, patients: list, settings: dict) -> Pa
     scale = top if top > 0 else 1.0
     q = np.round(np.clip(x / scale, 0.0, 1.0) * 65535).astype(np.uint16)
     info = json.dumps({"format": PACK_FORMAT, "scale": scale, **settings})
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ReconError(f"a training pack is written as .npz, got {path.name!r}: name it {path.stem}.npz")
+    path = pack_file(path)
     with atomic_output(path, ".npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, images=q, patients=np.array([str(p) for p in patients], dtype=str),
@@ -232,8 +246,7 @@ def read_pack(path, settings: dict) -> tuple[torch.Tensor, list]:
                          "with `recon train --pack`")
     for key, want in settings.items():
         have = info.get(key)
-        if (list(have) if isinstance(have, (list, tuple)) else have) != (
-                list(want) if isinstance(want, (list, tuple)) else want):
+        if _differs(have, want):
             raise ReconError(f"{path} was packed with {key} {have}, this training asks for {want}; "
                              f"pack the folders again with these settings (`recon train --pack`)")
     if q.ndim != 4 or q.shape[1] != 1 or q.dtype != np.uint16 or len(patients) != len(q) or not len(q):
@@ -499,12 +512,6 @@ def _recipe(cfg: TrainConfig, world: int) -> dict:
             "full_image_every": 0 if cfg.native else cfg.full_every,
             "full_image_noise": [cfg.full_p_mean, cfg.full_p_std], "patch_noise": [cfg.p_mean, cfg.p_std],
             "native": cfg.native}
-
-
-def _differs(a, b) -> bool:
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return list(a) != list(b)
-    return a != b
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
